@@ -1,0 +1,117 @@
+"""torch.hub entrypoints with the original DETR's names, signatures and checkpoint URLs.
+
+    model = torch.hub.load("path/to/this/repo", "detr_resnet50", source="local", pretrained=True)
+
+Models are built through ``models.build_model`` from ``main.py``'s parser defaults plus overrides, so hub
+models and trained models can never drift apart. ``pretrained=True`` goes through
+``torch.hub.load_state_dict_from_url``: a file already in ``$TORCH_HOME/hub/checkpoints/`` is used offline.
+"""
+import logging
+
+import torch
+
+from main import get_args_parser
+from models import build_model
+from models.segmentation import PostProcessPanoptic
+
+dependencies = ["torch", "torchvision"]
+
+logger = logging.getLogger(__name__)
+
+_URLS = {
+    "detr_resnet50": "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
+    "detr_resnet50_dc5": "https://dl.fbaipublicfiles.com/detr/detr-r50-dc5-f0fb7ef5.pth",
+    "detr_resnet101": "https://dl.fbaipublicfiles.com/detr/detr-r101-2c7b67e5.pth",
+    "detr_resnet101_dc5": "https://dl.fbaipublicfiles.com/detr/detr-r101-dc5-a2e86def.pth",
+    "detr_resnet50_panoptic": "https://dl.fbaipublicfiles.com/detr/detr-r50-panoptic-00ce5173.pth",
+    "detr_resnet50_dc5_panoptic": "https://dl.fbaipublicfiles.com/detr/detr-r50-dc5-panoptic-da08f1b1.pth",
+    "detr_resnet101_panoptic": "https://dl.fbaipublicfiles.com/detr/detr-r101-panoptic-40021d53.pth",
+}
+_PUBLISHED_NUM_CLASSES = {"detection": 91, "panoptic": 250}
+
+
+def _hub_args(backbone: str, dilation: bool, num_classes: int, mask: bool):
+    args = get_args_parser().parse_args([])
+    args.backbone = backbone
+    args.dilation = dilation
+    args.num_classes = num_classes
+    args.masks = mask
+    args.dataset_file = "coco_panoptic" if mask else "coco"
+    args.device = "cpu"
+    args.backbone_weights = "none"  # the hub checkpoint holds the backbone; never download ImageNet weights
+    return args
+
+
+def _make_detr(name: str, backbone: str, dilation: bool, num_classes: int, pretrained: bool, mask: bool = False):
+    model, _, postprocessors = build_model(_hub_args(backbone, dilation, num_classes, mask))
+    if pretrained:
+        checkpoint = torch.hub.load_state_dict_from_url(_URLS[name], map_location="cpu", check_hash=True)
+        published = _PUBLISHED_NUM_CLASSES["panoptic" if mask else "detection"]
+        load_pretrained(model, checkpoint["model"], drop_class_head=(num_classes != published))
+    return model, postprocessors
+
+
+def load_pretrained(model: torch.nn.Module, state_dict: dict, drop_class_head: bool = False) -> None:
+    """Load a published state dict strictly; with ``drop_class_head`` the class head keeps its fresh
+    initialisation (fine-tuning on another number of classes) and a warning names the skipped keys."""
+    if drop_class_head:
+        skipped = [k for k in state_dict if k.split(".")[-2] == "class_embed"]
+        state_dict = {k: v for k, v in state_dict.items() if k not in skipped}
+        logger.warning("num_classes differs from the published checkpoint: %s not loaded, class head "
+                       "re-initialised", skipped)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if unexpected or set(missing) != set(skipped):
+            raise RuntimeError(f"checkpoint does not match the model: missing {sorted(set(missing) - set(skipped))}, "
+                               f"unexpected {unexpected}")
+    else:
+        model.load_state_dict(state_dict, strict=True)
+
+
+def detr_resnet50(pretrained=False, num_classes=91, return_postprocessor=False):
+    """DETR R50 with 6 encoder and 6 decoder layers. Achieves 42.0 AP on COCO val5k."""
+    model, post = _make_detr("detr_resnet50", "resnet50", False, num_classes, pretrained)
+    return (model, post["bbox"]) if return_postprocessor else model
+
+
+def detr_resnet50_dc5(pretrained=False, num_classes=91, return_postprocessor=False):
+    """DETR-DC5 R50 (dilated last stage). Achieves 43.3 AP on COCO val5k."""
+    model, post = _make_detr("detr_resnet50_dc5", "resnet50", True, num_classes, pretrained)
+    return (model, post["bbox"]) if return_postprocessor else model
+
+
+def detr_resnet101(pretrained=False, num_classes=91, return_postprocessor=False):
+    """DETR R101 with 6 encoder and 6 decoder layers. Achieves 43.5 AP on COCO val5k."""
+    model, post = _make_detr("detr_resnet101", "resnet101", False, num_classes, pretrained)
+    return (model, post["bbox"]) if return_postprocessor else model
+
+
+def detr_resnet101_dc5(pretrained=False, num_classes=91, return_postprocessor=False):
+    """DETR-DC5 R101 (dilated last stage). Achieves 44.9 AP on COCO val5k."""
+    model, post = _make_detr("detr_resnet101_dc5", "resnet101", True, num_classes, pretrained)
+    return (model, post["bbox"]) if return_postprocessor else model
+
+
+def _panoptic(name, backbone, dilation, pretrained, num_classes, threshold, return_postprocessor):
+    model, _ = _make_detr(name, backbone, dilation, num_classes, pretrained, mask=True)
+    if not return_postprocessor:
+        return model
+    is_thing_map = {i: i <= 90 for i in range(250)}
+    return model, PostProcessPanoptic(is_thing_map, threshold=threshold)
+
+
+def detr_resnet50_panoptic(pretrained=False, num_classes=250, threshold=0.85, return_postprocessor=False):
+    """DETR R50 panoptic. Achieves 43.4 PQ on COCO val5k. ``threshold``: minimum class confidence of a segment."""
+    return _panoptic("detr_resnet50_panoptic", "resnet50", False, pretrained, num_classes, threshold,
+                     return_postprocessor)
+
+
+def detr_resnet50_dc5_panoptic(pretrained=False, num_classes=250, threshold=0.85, return_postprocessor=False):
+    """DETR-DC5 R50 panoptic. Achieves 44.6 PQ on COCO val5k."""
+    return _panoptic("detr_resnet50_dc5_panoptic", "resnet50", True, pretrained, num_classes, threshold,
+                     return_postprocessor)
+
+
+def detr_resnet101_panoptic(pretrained=False, num_classes=250, threshold=0.85, return_postprocessor=False):
+    """DETR R101 panoptic. Achieves 45.1 PQ on COCO val5k."""
+    return _panoptic("detr_resnet101_panoptic", "resnet101", False, pretrained, num_classes, threshold,
+                     return_postprocessor)

@@ -1,0 +1,154 @@
+"""ResNet backbone returning padded feature maps, joined with the positional encoding."""
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d  # eps=1e-5, as the original's
+
+from models.position_encoding import build_position_encoding
+from util.nested_tensor import NestedTensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Backbone", "BackboneBase", "FrozenBatchNorm2d", "Joiner", "build_backbone", "load_backbone_weights"]
+
+
+class BackboneBase(nn.Module):
+    """Wraps a ResNet trunk; returns a dict of NestedTensors (feature map + downsampled padding mask).
+
+    Only layer2..layer4 are trained (the stem and layer1 stay frozen, as in the original) unless
+    ``train_all_layers``; nothing is trained when ``train_backbone`` is False.
+    """
+
+    def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool,
+                 last_layer: str = "layer4", train_all_layers: bool = False):
+        super().__init__()
+        trainable = ("layer2", "layer3", "layer4")
+        for name, parameter in backbone.named_parameters():
+            if not train_backbone or not (train_all_layers or any(layer in name for layer in trainable)):
+                parameter.requires_grad_(False)
+        layers = ["layer1", "layer2", "layer3", "layer4"]
+        layers = layers[: layers.index(last_layer) + 1]
+        if return_interm_layers:
+            return_layers = {name: str(i) for i, name in enumerate(layers)}
+        else:
+            return_layers = {last_layer: "0"}
+        self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
+        self.num_channels = num_channels
+
+    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
+        xs = self.body(tensor_list.tensors)
+        m = tensor_list.mask
+        out = {}
+        for name, x in xs.items():
+            mask = F.interpolate(m[None].float(), size=x.shape[-2:]).to(torch.bool)[0]  # [B, h, w]
+            out[name] = NestedTensor(x, mask)
+        return out
+
+
+class Backbone(BackboneBase):
+    """A torchvision ResNet with frozen batch norm, randomly initialised (load weights explicitly).
+
+    ``norm`` 'frozen_bn' (the original) or 'bn' (trainable BatchNorm, for training from scratch);
+    ``last_layer`` 'layer4' (stride 32, the original) or 'layer3' (stride 16).
+    """
+
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
+                 norm: str = "frozen_bn", last_layer: str = "layer4", train_all_layers: bool = False):
+        if norm not in ("frozen_bn", "bn"):
+            raise ValueError(f"Backbone: norm must be 'frozen_bn' or 'bn', got {norm!r}")
+        if last_layer not in ("layer3", "layer4"):
+            raise ValueError(f"Backbone: last_layer must be 'layer3' or 'layer4', got {last_layer!r}")
+        if not name.startswith("resnet") or not hasattr(torchvision.models, name):
+            raise ValueError(f"--backbone: expected a torchvision ResNet name (resnet18/34/50/101/152), got {name!r}")
+        norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
+        # Never downloads: weights=None; pretrained weights are loaded explicitly by load_backbone_weights.
+        backbone = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer)
+        layer4_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        num_channels = layer4_channels if last_layer == "layer4" else layer4_channels // 2
+        super().__init__(backbone, train_backbone, num_channels, return_interm_layers, last_layer, train_all_layers)
+        self.name = name
+
+
+class Joiner(nn.Sequential):
+    """``Joiner(backbone, position_embedding)``: returns the feature maps and one positional encoding each."""
+
+    def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+
+    def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[torch.Tensor]]:
+        xs = self[0](tensor_list)
+        out: list[NestedTensor] = []
+        pos = []
+        for _, x in xs.items():
+            out.append(x)
+            pos.append(self[1](x).to(x.tensors.dtype))
+        return out, pos
+
+
+def _imagenet_url(name: str) -> str:
+    weights = torchvision.models.get_model_weights(name)
+    return weights.IMAGENET1K_V1.url  # the ImageNet weights the original DETR started from
+
+
+def load_backbone_weights(backbone: Backbone, spec: str) -> Optional[str]:
+    """Load ResNet weights into ``backbone.body``: 'none', 'imagenet' (torchvision's V1 weights from the torch
+    hub cache, downloaded if possible) or a path to a ResNet state dict. Returns where they came from."""
+    if spec == "none":
+        return None
+    if spec == "imagenet":
+        url = _imagenet_url(backbone.name)
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+        try:
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False)
+        except Exception as err:  # no network, proxy, disk ...: say what to do instead
+            raise RuntimeError(
+                f"--backbone_weights imagenet: the ImageNet weights of {backbone.name} are not in the torch hub cache "
+                f"({cached}) and could not be downloaded from {url} ({type(err).__name__}: {err}). Put the file "
+                f"there (or set TORCH_HOME), pass --backbone_weights PATH to a ResNet state dict, or "
+                f"--backbone_weights none to start from random weights.") from err
+        source = cached
+    else:
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(
+                f"--backbone_weights: {spec!r} is not a file; expected 'imagenet', 'none' or a path to a ResNet "
+                f"state dict")
+        state = torch.load(spec, map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+        source = spec
+    body = backbone.body
+    own = body.state_dict()
+    # the classifier (fc) and, with a layer3 cut, layer4 are not part of the body
+    usable = {k: v for k, v in state.items() if k in own}
+    missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(
+            f"--backbone_weights {source}: not a {backbone.name} state dict; {len(missing)} backbone keys are "
+            f"missing, e.g. {missing[:5]}")
+    bad_shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in usable.items() if v.shape != own[k].shape]
+    if bad_shapes:
+        raise ValueError(f"--backbone_weights {source}: shape mismatch (key, file, model): {bad_shapes[:5]}")
+    body.load_state_dict(usable, strict=False)
+    logger.info("Loaded backbone weights from %s", source)
+    return source
+
+
+def build_backbone(args) -> Joiner:
+    position_embedding = build_position_encoding(args)
+    train_backbone = args.lr_backbone > 0
+    return_interm_layers = args.masks
+    backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation,
+                        norm=getattr(args, "backbone_norm", "frozen_bn"),
+                        last_layer=getattr(args, "backbone_last_layer", "layer4"),
+                        train_all_layers=getattr(args, "train_backbone_stem", False))
+    model = Joiner(backbone, position_embedding)
+    model.num_channels = backbone.num_channels
+    return model

@@ -1,0 +1,312 @@
+"""The DETR detector, its set-prediction loss and its post-processing."""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.backbone import build_backbone
+from models.matcher import build_matcher
+from models.segmentation import DETRsegm, PostProcessPanoptic, PostProcessSegm, dice_loss, sigmoid_focal_loss
+from models.transformer import build_transformer
+from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from util.dist import get_world_size, is_dist_avail_and_initialized
+from util.metrics import accuracy
+from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+
+
+class DETR(nn.Module):
+    """Backbone + transformer + prediction heads for set-based object detection.
+
+    ``num_classes`` counts the object classes, *without* the no-object class the class head adds.
+    With ``spatial_prior`` (a convergence aid for training from scratch, not in the published model),
+    each query owns a learnable reference point and width: the decoder cross-attention logits get
+    ``-d^2 / (2 sigma^2)`` with d the key's distance to the point, and box centres are predicted
+    relative to it.
+    """
+
+    def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
+                 aux_loss: bool = False, spatial_prior: bool = False, prior_sigma: float = 0.15):
+        super().__init__()
+        self.num_queries = num_queries
+        self.transformer = transformer
+        hidden_dim = transformer.d_model
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.backbone = backbone
+        self.aux_loss = aux_loss
+        self.spatial_prior = spatial_prior
+        if spatial_prior:
+            self.reference_points = nn.Parameter(_grid_points(num_queries))  # [Q, 2] (x, y) in (0, 1)
+            self.prior_log_sigma = nn.Parameter(torch.full((num_queries,), math.log(prior_sigma)))
+
+    def forward(self, samples) -> dict:
+        """``samples``: a NestedTensor (images [B, 3, H, W] + padding mask [B, H, W]), a [B, 3, H, W] tensor or a
+        list of [3, H, W] tensors.
+
+        Returns a dict with
+        - 'pred_logits': [B, num_queries, num_classes + 1] classification logits (last = no object);
+        - 'pred_boxes': [B, num_queries, 4] (cx, cy, w, h) normalised by the (unpadded) image size;
+        - 'aux_outputs' (with aux_loss): a list with the same two keys for every decoder layer but the last.
+        """
+        if not isinstance(samples, NestedTensor):
+            samples = nested_tensor_from_tensor_list(samples)
+        features, pos = self.backbone(samples)
+        src, mask = features[-1].decompose()
+        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1],
+                              cross_attn_bias=self._prior_bias(mask))[0]  # [L, B, Q, C]
+        outputs_class, outputs_coord = self._heads(hs)
+        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
+        return out
+
+    def _heads(self, hs: Tensor) -> tuple[Tensor, Tensor]:
+        outputs_class = self.class_embed(hs)
+        box = self.bbox_embed(hs)
+        if self.spatial_prior:  # centre as an offset from the reference point, in logit space
+            ref = torch.logit(self.reference_points.clamp(1e-4, 1 - 1e-4))
+            box = torch.cat([box[..., :2] + ref, box[..., 2:]], dim=-1)
+        return outputs_class, box.sigmoid()
+
+    def _prior_bias(self, mask: Tensor) -> Optional[Tensor]:
+        """[B, Q, H*W] additive cross-attention bias -d^2 / (2 sigma^2), or None without the spatial prior."""
+        if not self.spatial_prior:
+            return None
+        not_mask = ~mask
+        # key centres in normalised image coordinates (padding excluded from the extent)
+        y = (not_mask.cumsum(1, dtype=torch.float32) - 0.5) / not_mask.sum(1, keepdim=True).clamp(min=1)
+        x = (not_mask.cumsum(2, dtype=torch.float32) - 0.5) / not_mask.sum(2, keepdim=True).clamp(min=1)
+        keys = torch.stack([x.flatten(1), y.flatten(1)], dim=-1)  # [B, HW, 2]
+        d2 = ((keys[:, None, :, :] - self.reference_points[None, :, None, :]) ** 2).sum(-1)  # [B, Q, HW]
+        sigma2 = torch.exp(2 * self.prior_log_sigma)[None, :, None]
+        return (-d2 / (2 * sigma2)).to(mask.device)
+
+    @torch.jit.unused
+    def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor) -> list[dict]:
+        return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+
+
+def _grid_points(n: int) -> Tensor:
+    side = math.ceil(math.sqrt(n))
+    ticks = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+    ys, xs = torch.meshgrid(ticks, ticks, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)[:n].clone()
+
+
+class SetCriterion(nn.Module):
+    """DETR's set loss: Hungarian-match predictions to targets, then supervise each matched pair
+    (class + box) and push every unmatched prediction to the no-object class.
+
+    Box and mask losses are normalised by the number of target boxes in the batch, averaged across
+    processes; the class loss is a weighted mean with the no-object class weighted by ``eos_coef``.
+    """
+
+    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: dict, eos_coef: float, losses: list[str]):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.eos_coef = eos_coef
+        self.losses = losses
+        empty_weight = torch.ones(self.num_classes + 1)
+        empty_weight[-1] = self.eos_coef  # no-object is the most frequent "class": down-weight it
+        self.register_buffer("empty_weight", empty_weight)
+
+    def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
+        """Cross-entropy over num_classes + 1 for every query; targets of unmatched queries are no-object."""
+        src_logits = outputs["pred_logits"]
+        idx = self._get_src_permutation_idx(indices)
+        target_classes_o = torch.cat([t["labels"][J] for t, (_, J) in zip(targets, indices)])
+        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
+                                    device=src_logits.device)
+        target_classes[idx] = target_classes_o
+        loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)
+        losses = {"loss_ce": loss_ce}
+        if log:
+            # logged only, not a loss
+            losses["class_error"] = 100 - accuracy(src_logits[idx], target_classes_o)[0]
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs, targets, indices, num_boxes):
+        """L1 error between the number of non-no-object predictions and of targets (logged only, no gradient)."""
+        pred_logits = outputs["pred_logits"]
+        tgt_lengths = torch.as_tensor([len(v["labels"]) for v in targets], device=pred_logits.device)
+        card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)
+        return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes):
+        """L1 and 1 - GIoU of the matched boxes ((cx, cy, w, h) normalised), summed and divided by num_boxes."""
+        idx = self._get_src_permutation_idx(indices)
+        src_boxes = outputs["pred_boxes"][idx]
+        target_boxes = torch.cat([t["boxes"][i] for t, (_, i) in zip(targets, indices)], dim=0)
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
+        loss_giou = 1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes),
+                                                       box_cxcywh_to_xyxy(target_boxes)))
+        return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
+
+    def loss_masks(self, outputs, targets, indices, num_boxes):
+        """Focal + dice loss of the matched masks, predictions upsampled to the padded target size."""
+        src_idx = self._get_src_permutation_idx(indices)
+        tgt_idx = self._get_tgt_permutation_idx(indices)
+        src_masks = outputs["pred_masks"][src_idx]  # [n, h, w]
+        target_masks, _ = nested_tensor_from_tensor_list([t["masks"] for t in targets]).decompose()
+        target_masks = target_masks.to(src_masks)[tgt_idx]  # [n, H, W]
+        src_masks = F.interpolate(src_masks[:, None], size=target_masks.shape[-2:], mode="bilinear",
+                                  align_corners=False)
+        src_masks = src_masks[:, 0].flatten(1)
+        target_masks = target_masks.flatten(1).view(src_masks.shape)
+        return {"loss_mask": sigmoid_focal_loss(src_masks, target_masks, num_boxes),
+                "loss_dice": dice_loss(src_masks, target_masks, num_boxes)}
+
+    @staticmethod
+    def _get_src_permutation_idx(indices):
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for (src, _) in indices])
+        return batch_idx, src_idx
+
+    @staticmethod
+    def _get_tgt_permutation_idx(indices):
+        batch_idx = torch.cat([torch.full_like(tgt, i) for i, (_, tgt) in enumerate(indices)])
+        tgt_idx = torch.cat([tgt for (_, tgt) in indices])
+        return batch_idx, tgt_idx
+
+    def get_loss(self, loss, outputs, targets, indices, num_boxes, **kwargs):
+        loss_map = {
+            "labels": self.loss_labels,
+            "cardinality": self.loss_cardinality,
+            "boxes": self.loss_boxes,
+            "masks": self.loss_masks,
+        }
+        if loss not in loss_map:
+            raise ValueError(f"SetCriterion: unknown loss {loss!r}; expected one of {sorted(loss_map)}")
+        return loss_map[loss](outputs, targets, indices, num_boxes, **kwargs)
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        """outputs: the model's output dict; targets: one dict per image with 'labels' [n] and 'boxes' [n, 4]
+        ((cx, cy, w, h) normalised), plus 'masks' [n, H, W] for the mask losses.
+        Returns the unweighted losses; aux-layer losses get the suffix ``_{i}``."""
+        self._check_targets(targets)
+        outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        indices = self.matcher(outputs_without_aux, targets)
+
+        # average number of target boxes across processes, for normalisation
+        num_boxes = sum(len(t["labels"]) for t in targets)
+        num_boxes = torch.as_tensor([num_boxes], dtype=torch.float, device=next(iter(outputs.values())).device)
+        if is_dist_avail_and_initialized():
+            torch.distributed.all_reduce(num_boxes)
+        num_boxes = torch.clamp(num_boxes / get_world_size(), min=1).item()
+
+        losses = {}
+        for loss in self.losses:
+            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
+
+        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
+            indices = self.matcher(aux_outputs, targets)
+            for loss in self.losses:
+                if loss == "masks":
+                    continue  # intermediate masks are too costly and not predicted
+                kwargs = {"log": False} if loss == "labels" else {}
+                l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
+                losses.update({k + f"_{i}": v for k, v in l_dict.items()})
+        return losses
+
+    def _check_targets(self, targets: list[dict]) -> None:
+        for i, t in enumerate(targets):
+            where = f"target {i}" + (f" (image_id {int(t['image_id'])})" if "image_id" in t else "")
+            labels, boxes = t["labels"], t["boxes"]
+            if len(labels) != len(boxes):
+                raise ValueError(f"SetCriterion: {where} has {len(labels)} labels but {len(boxes)} boxes")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
+                raise ValueError(
+                    f"SetCriterion: {where} has class id {bad}, outside [0, {self.num_classes}) for "
+                    f"num_classes={self.num_classes}; set --num_classes to at least max class id + 1")
+            if boxes.numel() and not bool((boxes[:, 2:] > 0).all()):
+                k = int((boxes[:, 2:] <= 0).any(dim=1).nonzero()[0])
+                raise ValueError(
+                    f"SetCriterion: {where} box {k} has non-positive width/height: {boxes[k].tolist()} "
+                    f"(expected (cx, cy, w, h) normalised with w > 0 and h > 0)")
+
+
+class PostProcess(nn.Module):
+    """Converts the model's output into the format the COCO api expects."""
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, target_sizes: Tensor) -> list[dict]:
+        """target_sizes: [B, 2] (h, w) of each image (the original size for evaluation, the augmented size
+        for visualisation). Returns per image 'scores' [Q], 'labels' [Q] and 'boxes' [Q, 4] (x0, y0, x1, y1)
+        in pixels; the no-object class is excluded from the argmax."""
+        out_logits, out_bbox = outputs["pred_logits"], outputs["pred_boxes"]
+        if len(out_logits) != len(target_sizes) or target_sizes.shape[1] != 2:
+            raise ValueError(f"PostProcess: expected target_sizes [{len(out_logits)}, 2], got "
+                             f"{list(target_sizes.shape)}")
+        prob = F.softmax(out_logits, -1)
+        scores, labels = prob[..., :-1].max(-1)
+        boxes = box_cxcywh_to_xyxy(out_bbox)
+        img_h, img_w = target_sizes.unbind(1)
+        scale_fct = torch.stack([img_w, img_h, img_w, img_h], dim=1)
+        boxes = boxes * scale_fct[:, None, :]
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+class MLP(nn.Module):
+    """A plain multi-layer perceptron (ReLU between layers), used as the box head."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        self.num_layers = num_layers
+        h = [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + h, h + [output_dim]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < self.num_layers - 1 else layer(x)
+        return x
+
+
+def build_weight_dict(args) -> dict[str, float]:
+    weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    if args.masks:
+        weight_dict["loss_mask"] = args.mask_loss_coef
+        weight_dict["loss_dice"] = args.dice_loss_coef
+    if args.aux_loss:
+        aux_weight_dict = {}
+        for i in range(args.dec_layers - 1):
+            aux_weight_dict.update({k + f"_{i}": v for k, v in weight_dict.items()})
+        weight_dict.update(aux_weight_dict)
+    return weight_dict
+
+
+def build(args):
+    """Returns (model, criterion, postprocessors) from the parsed command-line arguments.
+
+    ``args.num_classes`` must be set (main.py derives it from the dataset when the user did not give it).
+    """
+    if args.num_classes is None or args.num_classes < 1:
+        raise ValueError(f"build_model: num_classes must be a positive integer, got {args.num_classes!r}")
+    num_classes = args.num_classes
+    device = torch.device(args.device)
+
+    backbone = build_backbone(args)
+    transformer = build_transformer(args)
+    model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
+                 aux_loss=args.aux_loss, spatial_prior=getattr(args, "spatial_prior", False))
+    if args.masks:
+        model = DETRsegm(model, freeze_detr=(args.frozen_weights is not None))
+    matcher = build_matcher(args)
+    losses = ["labels", "boxes", "cardinality"] + (["masks"] if args.masks else [])
+    criterion = SetCriterion(num_classes, matcher=matcher, weight_dict=build_weight_dict(args),
+                             eos_coef=args.eos_coef, losses=losses)
+    criterion.to(device)
+    postprocessors = {"bbox": PostProcess()}
+    if args.masks:
+        postprocessors["segm"] = PostProcessSegm()
+        if args.dataset_file == "coco_panoptic":
+            is_thing_map = {i: i <= 90 for i in range(201)}
+            postprocessors["panoptic"] = PostProcessPanoptic(is_thing_map, threshold=0.85)
+    return model, criterion, postprocessors

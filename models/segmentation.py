@@ -1,0 +1,273 @@
+"""Mask head for instance / panoptic segmentation, trained on top of a (usually frozen) box DETR."""
+import io
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss as _tv_sigmoid_focal_loss
+
+from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+
+
+class DETRsegm(nn.Module):
+    """Wraps a DETR and adds 'pred_masks' [B, num_queries, H/4, W/4] (mask logits) to its outputs.
+
+    The backbone must return intermediate layers (``--masks``). With ``freeze_detr`` only the mask head trains.
+    """
+
+    def __init__(self, detr: nn.Module, freeze_detr: bool = False):
+        super().__init__()
+        self.detr = detr
+        if freeze_detr:
+            for p in self.parameters():
+                p.requires_grad_(False)
+        hidden_dim, nheads = detr.transformer.d_model, detr.transformer.nhead
+        self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
+        self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [1024, 512, 256], hidden_dim)
+
+    def forward(self, samples) -> dict:
+        if not isinstance(samples, NestedTensor):
+            samples = nested_tensor_from_tensor_list(samples)
+        detr = self.detr
+        features, pos = detr.backbone(samples)
+        bs = features[-1].tensors.shape[0]
+        src, mask = features[-1].decompose()
+        src_proj = detr.input_proj(src)
+        hs, memory = detr.transformer(src_proj, mask, detr.query_embed.weight, pos[-1],
+                                      cross_attn_bias=detr._prior_bias(mask))
+        outputs_class, outputs_coord = detr._heads(hs)
+        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        if detr.aux_loss:
+            out["aux_outputs"] = detr._set_aux_loss(outputs_class, outputs_coord)
+
+        bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)  # [B, Q, nheads, h, w]
+        seg_masks = self.mask_head(src_proj, bbox_mask, [features[2].tensors, features[1].tensors,
+                                                         features[0].tensors])
+        out["pred_masks"] = seg_masks.view(bs, detr.num_queries, seg_masks.shape[-2], seg_masks.shape[-1])
+        return out
+
+
+def _expand(tensor: Tensor, length: int) -> Tensor:
+    """[B, ...] -> [B * length, ...], each item repeated ``length`` times consecutively."""
+    return tensor.unsqueeze(1).repeat(1, int(length), 1, 1, 1).flatten(0, 1)
+
+
+class MaskHeadSmallConv(nn.Module):
+    """FPN-like convolutional head: upsamples the per-query attention maps with the backbone's
+    layer3/2/1 features to 1/4 resolution. Output: [B * num_queries, 1, H/4, W/4] mask logits."""
+
+    def __init__(self, dim: int, fpn_dims: list[int], context_dim: int):
+        super().__init__()
+        inter_dims = [dim, context_dim // 2, context_dim // 4, context_dim // 8, context_dim // 16,
+                      context_dim // 64]
+        self.lay1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.gn1 = nn.GroupNorm(8, dim)
+        self.lay2 = nn.Conv2d(dim, inter_dims[1], 3, padding=1)
+        self.gn2 = nn.GroupNorm(8, inter_dims[1])
+        self.lay3 = nn.Conv2d(inter_dims[1], inter_dims[2], 3, padding=1)
+        self.gn3 = nn.GroupNorm(8, inter_dims[2])
+        self.lay4 = nn.Conv2d(inter_dims[2], inter_dims[3], 3, padding=1)
+        self.gn4 = nn.GroupNorm(8, inter_dims[3])
+        self.lay5 = nn.Conv2d(inter_dims[3], inter_dims[4], 3, padding=1)
+        self.gn5 = nn.GroupNorm(8, inter_dims[4])
+        self.out_lay = nn.Conv2d(inter_dims[4], 1, 3, padding=1)
+        self.dim = dim
+        self.adapter1 = nn.Conv2d(fpn_dims[0], inter_dims[1], 1)
+        self.adapter2 = nn.Conv2d(fpn_dims[1], inter_dims[2], 1)
+        self.adapter3 = nn.Conv2d(fpn_dims[2], inter_dims[3], 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: Tensor, bbox_mask: Tensor, fpns: list[Tensor]) -> Tensor:
+        """x: [B, C, h, w] projected features; bbox_mask: [B, Q, nheads, h, w]; fpns: layer3, layer2, layer1 maps."""
+        x = torch.cat([_expand(x, bbox_mask.shape[1]), bbox_mask.flatten(0, 1)], 1)
+        x = F.relu(self.gn1(self.lay1(x)))
+        x = F.relu(self.gn2(self.lay2(x)))
+        for adapter, lay, gn, fpn in ((self.adapter1, self.lay3, self.gn3, fpns[0]),
+                                      (self.adapter2, self.lay4, self.gn4, fpns[1]),
+                                      (self.adapter3, self.lay5, self.gn5, fpns[2])):
+            cur_fpn = adapter(fpn)
+            if cur_fpn.size(0) != x.size(0):
+                cur_fpn = _expand(cur_fpn, x.size(0) // cur_fpn.size(0))
+            x = cur_fpn + F.interpolate(x, size=cur_fpn.shape[-2:], mode="nearest")
+            x = F.relu(gn(lay(x)))
+        return self.out_lay(x)
+
+
+class MHAttentionMap(nn.Module):
+    """Multi-head attention weights (softmax over all pixels) of each query over the encoder memory.
+    Output: [B, Q, num_heads, h, w]."""
+
+    def __init__(self, query_dim: int, hidden_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.dropout = nn.Dropout(dropout)
+        self.q_linear = nn.Linear(query_dim, hidden_dim, bias=bias)
+        self.k_linear = nn.Linear(query_dim, hidden_dim, bias=bias)
+        nn.init.zeros_(self.k_linear.bias)
+        nn.init.zeros_(self.q_linear.bias)
+        nn.init.xavier_uniform_(self.k_linear.weight)
+        nn.init.xavier_uniform_(self.q_linear.weight)
+        self.normalize_fact = float(hidden_dim / self.num_heads) ** -0.5
+
+    def forward(self, q: Tensor, k: Tensor, mask=None) -> Tensor:
+        """q: [B, Q, C] queries; k: [B, C, h, w] memory; mask: [B, h, w] True on padding."""
+        q = self.q_linear(q)
+        # the key projection as a 1x1 convolution keeps the spatial layout
+        k = F.conv2d(k, self.k_linear.weight.unsqueeze(-1).unsqueeze(-1), self.k_linear.bias)
+        head_dim = self.hidden_dim // self.num_heads
+        qh = q.view(q.shape[0], q.shape[1], self.num_heads, head_dim)
+        kh = k.view(k.shape[0], self.num_heads, head_dim, k.shape[-2], k.shape[-1])
+        weights = torch.einsum("bqnc,bnchw->bqnhw", qh * self.normalize_fact, kh)
+        if mask is not None:
+            weights.masked_fill_(mask.unsqueeze(1).unsqueeze(1), float("-inf"))
+        weights = F.softmax(weights.flatten(2), dim=-1).view(weights.size())
+        return self.dropout(weights)
+
+
+def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
+    """DICE loss (1 - soft F1 of the masks, +1 smoothing), summed over masks and divided by num_boxes.
+    inputs: [N, ...] logits; targets: same shape, binary."""
+    inputs = inputs.sigmoid().flatten(1)
+    numerator = 2 * (inputs * targets).sum(1)
+    denominator = inputs.sum(-1) + targets.sum(-1)
+    loss = 1 - (numerator + 1) / (denominator + 1)
+    return loss.sum() / num_boxes
+
+
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25,
+                       gamma: float = 2) -> Tensor:
+    """Focal loss (RetinaNet) averaged over pixels, summed over masks and divided by num_boxes."""
+    loss = _tv_sigmoid_focal_loss(inputs, targets, alpha=alpha, gamma=gamma, reduction="none")
+    return loss.mean(1).sum() / num_boxes
+
+
+class PostProcessSegm(nn.Module):
+    """Adds binary 'masks' [Q, 1, H, W] (uint8) at the original image size to PostProcess's results."""
+
+    def __init__(self, threshold: float = 0.5):
+        super().__init__()
+        self.threshold = threshold
+
+    @torch.no_grad()
+    def forward(self, results: list[dict], outputs: dict, orig_target_sizes: Tensor,
+                max_target_sizes: Tensor) -> list[dict]:
+        """max_target_sizes: [B, 2] augmented (h, w) of each image (the masks are predicted on the padded
+        batch); orig_target_sizes: [B, 2] the sizes to resize to."""
+        if len(orig_target_sizes) != len(max_target_sizes):
+            raise ValueError("PostProcessSegm: orig_target_sizes and max_target_sizes differ in length")
+        max_h, max_w = max_target_sizes.max(0)[0].tolist()
+        outputs_masks = outputs["pred_masks"].squeeze(2)
+        outputs_masks = F.interpolate(outputs_masks, size=(max_h, max_w), mode="bilinear", align_corners=False)
+        outputs_masks = (outputs_masks.sigmoid() > self.threshold).cpu()
+        for i, (cur_mask, t, tt) in enumerate(zip(outputs_masks, max_target_sizes, orig_target_sizes)):
+            img_h, img_w = t[0], t[1]
+            masks = cur_mask[:, :img_h, :img_w].unsqueeze(1)
+            results[i]["masks"] = F.interpolate(masks.float(), size=tuple(tt.tolist()), mode="nearest").byte()
+        return results
+
+
+def id2rgb(id_map: np.ndarray) -> np.ndarray:
+    """COCO panoptic id map [H, W] -> RGB [H, W, 3] uint8 (id = R + 256 G + 256^2 B)."""
+    id_map = id_map.astype(np.int64)
+    return np.stack([(id_map // 256 ** i) % 256 for i in range(3)], axis=-1).astype(np.uint8)
+
+
+def rgb2id(color: np.ndarray) -> np.ndarray:
+    color = color.astype(np.int64)
+    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
+
+
+class PostProcessPanoptic(nn.Module):
+    """Merges the predicted masks into a COCO panoptic PNG + segments_info per image.
+
+    Queries whose best class is not no-object and whose score exceeds ``threshold`` are kept; each pixel
+    goes to the query with the highest mask logit; masks of the same stuff class are merged, and segments
+    of at most 4 pixels are removed (repeatedly) before the final PNG.
+    """
+
+    def __init__(self, is_thing_map: dict[int, bool], threshold: float = 0.85):
+        super().__init__()
+        self.threshold = threshold
+        self.is_thing_map = is_thing_map
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, processed_sizes, target_sizes=None) -> list[dict]:
+        """processed_sizes: (h, w) of each image after augmentation, before padding; target_sizes: final
+        (h, w) of the PNGs (default: processed_sizes). Returns per image {'png_string', 'segments_info'}."""
+        if target_sizes is None:
+            target_sizes = processed_sizes
+        if len(processed_sizes) != len(target_sizes):
+            raise ValueError("PostProcessPanoptic: processed_sizes and target_sizes differ in length")
+        out_logits, raw_masks = outputs["pred_logits"], outputs["pred_masks"]
+        if not (len(out_logits) == len(raw_masks) == len(target_sizes)):
+            raise ValueError("PostProcessPanoptic: outputs and sizes differ in batch size")
+        no_object = out_logits.shape[-1] - 1
+        preds = []
+        for cur_logits, cur_masks, size, target_size in zip(out_logits, raw_masks, processed_sizes, target_sizes):
+            scores, labels = cur_logits.softmax(-1).max(-1)
+            keep = labels.ne(no_object) & (scores > self.threshold)
+            cur_scores, cur_classes = scores[keep], labels[keep]
+            cur_masks = F.interpolate(cur_masks[keep][:, None], _to_tuple(size), mode="bilinear",
+                                      align_corners=False).squeeze(1)
+            h, w = cur_masks.shape[-2:]
+            cur_masks = cur_masks.flatten(1)  # [n, h*w]
+
+            stuff_equiv_classes = defaultdict(list)
+            for k, label in enumerate(cur_classes.tolist()):
+                if not self.is_thing_map[label]:
+                    stuff_equiv_classes[label].append(k)
+
+            def get_ids_area(masks, n, dedup=False):
+                # each pixel goes to the query with the highest mask logit
+                if masks.shape[0] == 0:
+                    m_id = torch.zeros((h, w), dtype=torch.long, device=masks.device)
+                else:
+                    m_id = masks.transpose(0, 1).softmax(-1).argmax(-1).view(h, w)
+                if dedup:  # all segments of a stuff class become one
+                    for equiv in stuff_equiv_classes.values():
+                        for eq_id in equiv[1:]:
+                            m_id.masked_fill_(m_id.eq(eq_id), equiv[0])
+                final_h, final_w = _to_tuple(target_size)
+                seg_img = Image.fromarray(id2rgb(m_id.cpu().numpy())).resize((final_w, final_h), Image.NEAREST)
+                m_id = torch.from_numpy(rgb2id(np.asarray(seg_img)))
+                area = [int(m_id.eq(i).sum()) for i in range(n)]
+                return area, seg_img
+
+            area, seg_img = get_ids_area(cur_masks, len(cur_scores), dedup=True)
+            if cur_classes.numel() > 0:
+                # drop tiny segments until none is left
+                while True:
+                    filtered_small = torch.as_tensor([a <= 4 for a in area], dtype=torch.bool,
+                                                     device=cur_classes.device)
+                    if not filtered_small.any():
+                        break
+                    cur_scores = cur_scores[~filtered_small]
+                    cur_classes = cur_classes[~filtered_small]
+                    cur_masks = cur_masks[~filtered_small]
+                    area, seg_img = get_ids_area(cur_masks, len(cur_scores))
+            else:
+                cur_classes = torch.ones(1, dtype=torch.long, device=cur_classes.device)
+
+            segments_info = []
+            for i, a in enumerate(area):
+                cat = int(cur_classes[i])
+                segments_info.append({"id": i, "isthing": self.is_thing_map[cat], "category_id": cat, "area": a})
+            with io.BytesIO() as out:
+                seg_img.save(out, format="PNG")
+                preds.append({"png_string": out.getvalue(), "segments_info": segments_info})
+        return preds
+
+
+def _to_tuple(size) -> tuple[int, int]:
+    if isinstance(size, tuple):
+        return size
+    if torch.is_tensor(size):
+        return tuple(size.cpu().tolist())
+    return tuple(size)

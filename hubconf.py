@@ -6,17 +6,12 @@ Models are built through ``models.build_model`` from ``main.py``'s parser defaul
 models and trained models can never drift apart. ``pretrained=True`` goes through
 ``torch.hub.load_state_dict_from_url``: a file already in ``$TORCH_HOME/hub/checkpoints/`` is used offline.
 """
-import logging
-
-import torch
-
 from main import get_args_parser
 from models import build_model
 from models.segmentation import PostProcessPanoptic
+from util.checkpoint import load_checkpoint, load_model_state
 
 dependencies = ["torch", "torchvision"]
-
-logger = logging.getLogger(__name__)
 
 _URLS = {
     "detr_resnet50": "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
@@ -27,7 +22,6 @@ _URLS = {
     "detr_resnet50_dc5_panoptic": "https://dl.fbaipublicfiles.com/detr/detr-r50-dc5-panoptic-da08f1b1.pth",
     "detr_resnet101_panoptic": "https://dl.fbaipublicfiles.com/detr/detr-r101-panoptic-40021d53.pth",
 }
-_PUBLISHED_NUM_CLASSES = {"detection": 91, "panoptic": 250}
 
 
 def _hub_args(backbone: str, dilation: bool, num_classes: int, mask: bool):
@@ -45,26 +39,10 @@ def _hub_args(backbone: str, dilation: bool, num_classes: int, mask: bool):
 def _make_detr(name: str, backbone: str, dilation: bool, num_classes: int, pretrained: bool, mask: bool = False):
     model, _, postprocessors = build_model(_hub_args(backbone, dilation, num_classes, mask))
     if pretrained:
-        checkpoint = torch.hub.load_state_dict_from_url(_URLS[name], map_location="cpu", check_hash=True)
-        published = _PUBLISHED_NUM_CLASSES["panoptic" if mask else "detection"]
-        load_pretrained(model, checkpoint["model"], drop_class_head=(num_classes != published))
+        checkpoint = load_checkpoint(_URLS[name])  # through the hub cache; reads the published Namespace args
+        # with another num_classes the class head keeps its fresh initialisation (fine-tuning), with a warning
+        load_model_state(model, checkpoint["model"], source=_URLS[name], reinit_class_head=True)
     return model, postprocessors
-
-
-def load_pretrained(model: torch.nn.Module, state_dict: dict, drop_class_head: bool = False) -> None:
-    """Load a published state dict strictly; with ``drop_class_head`` the class head keeps its fresh
-    initialisation (fine-tuning on another number of classes) and a warning names the skipped keys."""
-    if drop_class_head:
-        skipped = [k for k in state_dict if k.split(".")[-2] == "class_embed"]
-        state_dict = {k: v for k, v in state_dict.items() if k not in skipped}
-        logger.warning("num_classes differs from the published checkpoint: %s not loaded, class head "
-                       "re-initialised", skipped)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        if unexpected or set(missing) != set(skipped):
-            raise RuntimeError(f"checkpoint does not match the model: missing {sorted(set(missing) - set(skipped))}, "
-                               f"unexpected {unexpected}")
-    else:
-        model.load_state_dict(state_dict, strict=True)
 
 
 def detr_resnet50(pretrained=False, num_classes=91, return_postprocessor=False):

@@ -26,7 +26,9 @@ class DETRsegm(nn.Module):
                 p.requires_grad_(False)
         hidden_dim, nheads = detr.transformer.d_model, detr.transformer.nhead
         self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
-        self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [1024, 512, 256], hidden_dim)
+        # channels of layer3, layer2, layer1: [1024, 512, 256] for ResNet-50/101 as in the original
+        c = detr.backbone.num_channels
+        self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [c // 2, c // 4, c // 8], hidden_dim)
 
     def forward(self, samples) -> dict:
         if not isinstance(samples, NestedTensor):

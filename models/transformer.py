@@ -54,13 +54,15 @@ class Transformer(nn.Module):
         mask = mask.flatten(1)  # [B, HW]
         if self.pos_at_input:
             src = src + pos_embed
-        memory_mask = None
+        memory_mask, memory_key_padding_mask = None, mask
         if cross_attn_bias is not None:  # -> [B * nhead, Q, HW], the layout nn.MultiheadAttention expects
             memory_mask = cross_attn_bias.repeat_interleave(self.nhead, dim=0)
+            # an additive float mask too, as MultiheadAttention wants both masks of one type
+            memory_key_padding_mask = torch.zeros_like(mask, dtype=memory_mask.dtype).masked_fill(mask, float("-inf"))
 
         tgt = torch.zeros_like(query_embed)
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
-        hs = self.decoder(tgt, memory, memory_mask=memory_mask, memory_key_padding_mask=mask,
+        hs = self.decoder(tgt, memory, memory_mask=memory_mask, memory_key_padding_mask=memory_key_padding_mask,
                           pos=pos_embed, query_pos=query_embed)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).view(bs, c, h, w)
 

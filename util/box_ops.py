@@ -34,8 +34,10 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _check_xyxy(boxes: Tensor, name: str) -> None:
-    if not bool((boxes[:, 2:] >= boxes[:, :2]).all()):
-        bad = (boxes[:, 2:] < boxes[:, :2]).any(dim=1).nonzero().flatten()[:5].tolist()
+    # NaN rows pass: they come from a diverged step, which the training loop reports and skips
+    degenerate = (boxes[:, 2:] < boxes[:, :2]).any(dim=1)
+    if bool(degenerate.any()):
+        bad = degenerate.nonzero().flatten()[:5].tolist()
         raise ValueError(
             f"generalized_box_iou: {name} has degenerate boxes (x1 < x0 or y1 < y0) at rows {bad}, "
             f"e.g. {boxes[bad[0]].tolist()}; expected xyxy boxes with non-negative width and height"

@@ -1,0 +1,104 @@
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import hubconf
+
+from conftest import GOLDEN_DIR
+
+REPO = str(Path(__file__).resolve().parents[1])
+ENTRYPOINTS = {
+    "detr_resnet50": "detr_resnet50",
+    "detr_resnet50_dc5": "detr_resnet50",
+    "detr_resnet101": "detr_resnet101",
+    "detr_resnet101_dc5": "detr_resnet101",
+    "detr_resnet50_panoptic": "detr_resnet50_panoptic",
+    "detr_resnet50_dc5_panoptic": "detr_resnet50_panoptic",
+    "detr_resnet101_panoptic": "detr_resnet101_panoptic",
+}
+
+
+@pytest.fixture(scope="module")
+def layouts():
+    path = GOLDEN_DIR / "hub_state_dict_layouts.json"
+    if not path.exists():
+        pytest.skip(f"golden data {path} is absent")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+
+    def no_network(*a, **k):
+        raise AssertionError("the test must not download")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return cache
+
+
+def _publish(cache: Path, name: str, model: torch.nn.Module) -> None:
+    """A checkpoint shaped like the published ones, holding an argparse.Namespace as they do."""
+    filename = os.path.basename(hubconf._URLS[name])
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1e-4, backbone="resnet50")},
+               cache / filename)
+
+
+@pytest.mark.parametrize("name", sorted(ENTRYPOINTS))
+def test_state_dict_layout(name, layouts):
+    model = getattr(hubconf, name)()
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    expected = layouts[ENTRYPOINTS[name]]
+    assert list(got) == list(expected)
+    assert got == expected
+
+
+@pytest.mark.parametrize("name", sorted(ENTRYPOINTS))
+def test_pretrained_loads_offline_from_the_hub_cache(name, hub_cache):
+    torch.manual_seed(0)
+    source = getattr(hubconf, name)()
+    _publish(hub_cache, name, source)
+    model = torch.hub.load(REPO, name, source="local", pretrained=True)
+    loaded = model.state_dict()
+    for k, v in source.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+
+
+def test_postprocessors():
+    _, post = hubconf.detr_resnet50(return_postprocessor=True)
+    assert type(post).__name__ == "PostProcess"
+    _, post = hubconf.detr_resnet50_panoptic(return_postprocessor=True, threshold=0.5)
+    assert type(post).__name__ == "PostProcessPanoptic"
+    assert post.threshold == 0.5 and post.is_thing_map[90] and not post.is_thing_map[91]
+
+
+def test_other_num_classes_reinitialises_only_the_class_head(hub_cache, caplog):
+    torch.manual_seed(0)
+    source = hubconf.detr_resnet50()
+    _publish(hub_cache, "detr_resnet50", source)
+    with caplog.at_level(logging.WARNING):
+        model = hubconf.detr_resnet50(pretrained=True, num_classes=3)
+    assert model.class_embed.weight.shape == (4, 256)
+    assert "class_embed.weight" in caplog.text and "class_embed.bias" in caplog.text
+    src = source.state_dict()
+    for k, v in model.state_dict().items():
+        if not k.startswith("class_embed."):
+            assert torch.equal(v, src[k]), k
+
+
+def test_wrong_checkpoint_names_the_offending_keys(hub_cache):
+    torch.manual_seed(0)
+    _publish(hub_cache, "detr_resnet50", hubconf.detr_resnet50_panoptic())  # a panoptic model under the box name
+    with pytest.raises(ValueError) as err:
+        hubconf.detr_resnet50(pretrained=True)
+    msg = str(err.value)
+    assert "detr-r50-e632da11.pth" in msg
+    assert "transformer.encoder.layers.0.self_attn.in_proj_weight (the transformer encoder)" in msg
+    assert "segmentation (--masks)" in msg

@@ -1,0 +1,178 @@
+import pytest
+import torch
+
+from models import build_model
+from models.backbone import load_backbone_weights
+from util.nested_tensor import nested_tensor_from_tensor_list
+
+from conftest import load_golden, make_args, tiny_args
+
+ATOL = 1e-4
+
+
+def golden_model():
+    g = load_golden("tiny_detr.pth")
+    cfg = dict(g["config"])
+    model, criterion, post = build_model(make_args(**cfg))
+    model.load_state_dict(g["checkpoint"]["model"], strict=True)
+    model.eval()
+    return g, model, criterion, post
+
+
+def test_golden_outputs_including_aux():
+    g, model, _, _ = golden_model()
+    with torch.no_grad():
+        out = model(g["images"])
+    ref = g["outputs"]
+    torch.testing.assert_close(out["pred_logits"], ref["pred_logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out["pred_boxes"], ref["pred_boxes"], atol=ATOL, rtol=0)
+    assert len(out["aux_outputs"]) == len(ref["aux_outputs"]) == g["config"]["dec_layers"] - 1
+    for a, b in zip(out["aux_outputs"], ref["aux_outputs"]):
+        torch.testing.assert_close(a["pred_logits"], b["pred_logits"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], atol=ATOL, rtol=0)
+
+
+def test_golden_postprocess():
+    g, model, _, post = golden_model()
+    with torch.no_grad():
+        results = post["bbox"](model(g["images"]), g["postprocess"]["target_sizes"])
+    for r, ref in zip(results, g["postprocess"]["results"]):
+        assert torch.equal(r["labels"], ref["labels"])
+        torch.testing.assert_close(r["scores"], ref["scores"], atol=ATOL, rtol=0)
+        # boxes are in pixels (up to ~130 here): 1e-4 absolute on normalised boxes, scaled
+        torch.testing.assert_close(r["boxes"], ref["boxes"], atol=ATOL * 2, rtol=1e-5)
+
+
+def test_input_types_give_the_same_output():
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_args())
+    model.eval()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        from_list = model(images)
+        from_batch = model(torch.stack(images))
+        from_nested = model(nested_tensor_from_tensor_list(images))
+    for out in (from_batch, from_nested):
+        torch.testing.assert_close(out["pred_boxes"], from_list["pred_boxes"])
+        torch.testing.assert_close(out["pred_logits"], from_list["pred_logits"])
+
+
+def test_output_shapes():
+    model, _, _ = build_model(tiny_args(num_queries=7, num_classes=3))
+    out = model([torch.rand(3, 50, 70), torch.rand(3, 64, 40)])
+    assert out["pred_logits"].shape == (2, 7, 4)
+    assert out["pred_boxes"].shape == (2, 7, 4)
+    assert len(out["aux_outputs"]) == 1
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    model, _, _ = build_model(tiny_args(aux_loss=False))
+    assert "aux_outputs" not in model([torch.rand(3, 32, 32)])
+
+
+def _frozen_and_trainable(model):
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return trainable, frozen
+
+
+def test_exactly_the_original_parameters_are_trainable():
+    model, _, _ = build_model(tiny_args())
+    trainable, frozen = _frozen_and_trainable(model)
+    assert frozen == {n for n, _ in model.named_parameters()
+                      if n.startswith("backbone.0.body.") and not n.startswith(
+                          ("backbone.0.body.layer2", "backbone.0.body.layer3", "backbone.0.body.layer4"))}
+    assert "backbone.0.body.conv1.weight" in frozen
+    assert any(n.startswith("backbone.0.body.layer1.") for n in frozen)
+    assert "backbone.0.body.layer2.0.conv1.weight" in trainable
+    # frozen batch norm has no parameters at all, only buffers
+    assert not any(".bn" in n for n in trainable | frozen)
+    # lr_backbone 0: nothing in the backbone trains
+    model, _, _ = build_model(tiny_args(lr_backbone=0.0))
+    trainable, _ = _frozen_and_trainable(model)
+    assert not any(n.startswith("backbone.") for n in trainable)
+
+
+def test_every_trainable_parameter_gets_a_finite_gradient():
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(tiny_args(aux_loss=True))
+    model.train()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    targets = [{"labels": torch.tensor([0, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.7, 0.3, 0.4]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    losses = criterion(model(images), targets)
+    loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    for name, p in trainable:
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+
+
+def test_convergence_aids_are_off_by_default_and_train_when_on():
+    model, _, _ = build_model(tiny_args())
+    assert not any("reference_points" in k or "prior_log_sigma" in k for k in model.state_dict())
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(tiny_args(spatial_prior=True, pos_at_input=True, backbone_norm="bn",
+                                                train_backbone_stem=True, backbone_last_layer="layer3"))
+    assert model.backbone.num_channels == 256
+    targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.2]])}]
+    losses = criterion(model([torch.rand(3, 64, 64)]), targets)
+    sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
+    for name, p in model.named_parameters():
+        assert p.requires_grad, name
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_dc5_and_learned_position_embedding_build():
+    model, _, _ = build_model(tiny_args(backbone="resnet50", dilation=True, position_embedding="learned",
+                                        enc_layers=1, dec_layers=1))
+    out = model([torch.rand(3, 64, 64)])
+    assert out["pred_boxes"].shape == (1, 5, 4)
+
+
+def test_building_never_downloads(monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("building a model must not download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    build_model(tiny_args(backbone_weights="imagenet"))
+
+
+def test_imagenet_weights_missing_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    model, _, _ = build_model(tiny_args())
+    with pytest.raises(RuntimeError) as err:
+        load_backbone_weights(model.backbone[0], "imagenet")
+    msg = str(err.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in msg
+    assert "--backbone_weights none" in msg and "--backbone_weights PATH" in msg
+
+
+def test_backbone_weights_from_cache_and_from_path(monkeypatch, tmp_path):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = torchvision.models.resnet18(weights=None)
+    state = reference.state_dict()
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(state, cache / "resnet18-f37072fd.pth")
+    model, _, _ = build_model(tiny_args())
+    backbone = model.backbone[0]
+    assert load_backbone_weights(backbone, "imagenet") == str(cache / "resnet18-f37072fd.pth")
+    assert torch.equal(backbone.body.conv1.weight, state["conv1.weight"])
+    assert torch.equal(backbone.body.layer1[0].bn1.running_var, state["layer1.0.bn1.running_var"])
+
+    path = tmp_path / "r18.pth"
+    torch.save({"model": torchvision.models.resnet18(weights=None).state_dict()}, path)
+    load_backbone_weights(backbone, str(path))
+    with pytest.raises(ValueError, match="not a resnet18 state dict"):
+        torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+        load_backbone_weights(backbone, str(tmp_path / "bad.pth"))
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        load_backbone_weights(backbone, str(tmp_path / "nope.pth"))

@@ -1,0 +1,119 @@
+"""Checkpoint reading, writing and strict loading with readable errors.
+
+One schema: ``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'scaler'?}`` holding plain types only
+(``args`` is ``vars(args)``), so ``torch.load(..., weights_only=True)`` reads it. Checkpoints of the original
+implementation hold an ``argparse.Namespace``; they still load (the Namespace is allow-listed, nothing else).
+"""
+import argparse
+import logging
+import os
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_COMPONENTS = (
+    ("backbone.0", "the backbone"),
+    ("backbone.1", "the positional encoding"),
+    ("transformer.encoder", "the transformer encoder"),
+    ("transformer.decoder", "the transformer decoder"),
+    ("class_embed", "the class head"),
+    ("bbox_embed", "the box head"),
+    ("query_embed", "the object queries"),
+    ("input_proj", "the input projection"),
+    ("bbox_attention", "the segmentation head"),
+    ("mask_head", "the segmentation head"),
+    ("reference_points", "the spatial prior (--spatial_prior)"),
+    ("prior_log_sigma", "the spatial prior (--spatial_prior)"),
+)
+
+
+def component_of(key: str) -> str:
+    """Which part of DETR a state-dict key belongs to, in words."""
+    bare = key[len("detr."):] if key.startswith("detr.") else key
+    for prefix, name in _COMPONENTS:
+        if bare.startswith(prefix):
+            return name
+    return "an unknown module"
+
+
+def load_checkpoint(path_or_url: str) -> dict:
+    """Read a checkpoint from a path or URL (URLs go through the torch hub cache) with ``weights_only``."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        if path_or_url.startswith(("https://", "http://")):
+            ckpt = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", check_hash=True)
+        else:
+            if not os.path.isfile(path_or_url):
+                raise FileNotFoundError(f"checkpoint {path_or_url!r} does not exist")
+            try:
+                ckpt = torch.load(path_or_url, map_location="cpu", weights_only=True)
+            except Exception as err:
+                raise RuntimeError(f"checkpoint {path_or_url!r} could not be read: {err}") from err
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"checkpoint {path_or_url!r}: expected a dict with a 'model' state dict, got {keys}")
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt["args"] = vars(ckpt["args"])
+    return ckpt
+
+
+def save_checkpoint(obj: dict[str, Any], path: str) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename, so no partial file is left."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _describe(keys: list[str], limit: int = 5) -> str:
+    return ", ".join(f"{k} ({component_of(k)})" for k in keys[:limit]) + (" ..." if len(keys) > limit else "")
+
+
+def load_model_state(model: nn.Module, state_dict: dict, source: str, reinit_class_head: bool = False) -> list[str]:
+    """Load ``state_dict`` into ``model``, every key and shape matching, or raise naming the first offending keys.
+
+    With ``reinit_class_head``, class-head weights of another shape (another number of classes) are skipped,
+    the fresh initialisation is kept and a warning names them. Returns the skipped keys.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    skipped = []
+    if reinit_class_head:
+        skipped = [k for k in mismatched if component_of(k) == "the class head"]
+        mismatched = [k for k in mismatched if k not in skipped]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {source} does not fit the model:"]
+        if missing:
+            lines.append(f"  {len(missing)} model keys missing from the checkpoint: {_describe(missing)}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} checkpoint keys the model does not have: {_describe(unexpected)}")
+        for k in mismatched[:5]:
+            lines.append(f"  shape of {k} ({component_of(k)}): checkpoint {list(state_dict[k].shape)}, "
+                         f"model {list(own[k].shape)}")
+        ckpt_segm = any(k.startswith("detr.") for k in state_dict)
+        model_segm = any(k.startswith("detr.") for k in own)
+        if ckpt_segm != model_segm:
+            lines.append("  hint: the checkpoint is a " + ("segmentation (--masks)" if ckpt_segm else "box-only")
+                         + " model and the model is " + ("a segmentation" if model_segm else "a box-only") + " one")
+        if any(component_of(k) == "the class head" for k in mismatched):
+            lines.append("  hint: another number of classes; to fine-tune, use --finetune (the class head is "
+                         "re-initialised) or set --num_classes to the checkpoint's")
+        raise ValueError("\n".join(lines))
+    if skipped:
+        logger.warning("%s: class head has another number of classes; not loaded, re-initialised: %s",
+                       source, skipped)
+    state = {k: v for k, v in state_dict.items() if k not in skipped}
+    model.load_state_dict(state, strict=not skipped)
+    return skipped

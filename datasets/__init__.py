@@ -3,7 +3,7 @@
 import torch.utils.data
 from pycocotools.coco import COCO
 
-from . import coco, synthetic
+from . import coco
 
 # the original's class counts: max category id + 1 (COCO ids run to 90, panoptic ids to 200 and the
 # original kept 250 for the panoptic head)
@@ -14,6 +14,8 @@ def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
     if args.dataset_file == "coco":
         return coco.build(image_set, args)
     if args.dataset_file == "synthetic":
+        from . import synthetic  # imported here so `python -m datasets.synthetic` runs it only once
+
         return synthetic.build(image_set, args)
     if args.dataset_file == "coco_panoptic":
         raise NotImplementedError("--dataset_file coco_panoptic is not available yet: it comes with the panoptic issue")
@@ -39,6 +41,8 @@ def default_num_classes(args) -> int:
     if args.dataset_file in NUM_CLASSES:
         return NUM_CLASSES[args.dataset_file]
     if args.dataset_file == "synthetic":
+        from . import synthetic
+
         ann_file = synthetic.dataset_root(args) / "annotations" / "instances_train2017.json"
         if not ann_file.is_file():
             raise FileNotFoundError(f"annotation file {ann_file} not found")

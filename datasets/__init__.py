@@ -8,6 +8,7 @@ from . import coco
 # the original's class counts: max category id + 1 (COCO ids run to 90, panoptic ids to 200 and the
 # original kept 250 for the panoptic head)
 NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
+SUPPORTED = "coco, coco_panoptic or synthetic"
 
 
 def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
@@ -18,8 +19,9 @@ def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
 
         return synthetic.build(image_set, args)
     if args.dataset_file == "coco_panoptic":
-        raise NotImplementedError("--dataset_file coco_panoptic is not available yet: it comes with the panoptic issue")
-    raise ValueError(f"dataset {args.dataset_file!r} not supported; expected coco, coco_panoptic or synthetic")
+        raise NotImplementedError("--dataset_file coco_panoptic is not available yet: "
+                                  "it comes with the panoptic issue")
+    raise ValueError(f"dataset {args.dataset_file!r} not supported; expected {SUPPORTED}")
 
 
 def _unwrap(dataset):
@@ -50,7 +52,7 @@ def default_num_classes(args) -> int:
         if not categories:
             raise coco.DatasetError(f"{ann_file} lists no categories, so the number of classes is unknown")
         return max(c["id"] for c in categories) + 1
-    raise ValueError(f"dataset {args.dataset_file!r} not supported; expected coco, coco_panoptic or synthetic")
+    raise ValueError(f"dataset {args.dataset_file!r} not supported; expected {SUPPORTED}")
 
 
 def get_category_names(dataset) -> dict[int, str]:

@@ -45,8 +45,8 @@ def check_coco_annotations(data: Any, ann_file: Path, num_classes: Optional[int]
     image_ids = {img["id"] for img in data["images"]}
     for ann in data["annotations"]:
         if ann["image_id"] not in image_ids:
-            raise DatasetError(f"{ann_file}: annotation id {ann.get('id')} refers to image_id {ann['image_id']}, "
-                               f"which is not in 'images'")
+            raise DatasetError(f"{ann_file}: annotation id {ann.get('id')} refers to image_id "
+                               f"{ann['image_id']}, which is not in 'images'")
     if num_classes is not None and data["annotations"]:
         category_ids = np.fromiter((ann["category_id"] for ann in data["annotations"]), dtype=np.int64,
                                    count=len(data["annotations"]))
@@ -147,7 +147,8 @@ class CocoDetection(torch.utils.data.Dataset):
     def _load_image(self, image_id: int) -> PIL.Image.Image:
         path = self.root / self.coco.imgs[image_id]["file_name"]
         if not path.is_file():
-            raise FileNotFoundError(f"image file {path} (image_id {image_id}, from {self.ann_file}) not found")
+            raise FileNotFoundError(f"image file {path} (image_id {image_id}, from {self.ann_file}) "
+                                    f"not found")
         try:
             with PIL.Image.open(path) as img:
                 return img.convert("RGB")

@@ -28,8 +28,8 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Optional, Union
 
@@ -183,8 +183,9 @@ def _draw_sample(rng: np.random.Generator, image_size: int):
 
     # background: two textures split by a wavy, tilted horizon
     xs = np.arange(w, dtype=np.float32)
-    horizon = (rng.uniform(0.3, 0.7) * h + rng.uniform(-0.3, 0.3) * (xs - w / 2)
-               + rng.uniform(0, 0.06) * h * np.sin(2 * np.pi * xs / rng.uniform(0.5, 1.5) / w + rng.uniform(0, 6.3)))
+    base, tilt, amplitude = rng.uniform(0.3, 0.7), rng.uniform(-0.3, 0.3), rng.uniform(0, 0.06)
+    wave = np.sin(2 * np.pi * xs / rng.uniform(0.5, 1.5) / w + rng.uniform(0, 6.3))
+    horizon = base * h + tilt * (xs - w / 2) + amplitude * h * wave
     sky = np.arange(h, dtype=np.float32)[:, None] < horizon[None, :]
     canvas = np.where(sky[..., None], _texture(rng, h, w), _texture(rng, h, w))
 
@@ -343,13 +344,15 @@ def _write_split(root: Path, split: str, num_images: int, seed: int, image_size:
                                       "bbox": _bbox(region), "area": int(region.sum())})
         png_name = f"{image_id:012d}.png"
         PIL.Image.fromarray(id_to_rgb(panoptic)).save(panoptic_dir / png_name)
-        panoptic_annotations.append({"image_id": image_id, "file_name": png_name, "segments_info": segments_info})
+        panoptic_annotations.append({"image_id": image_id, "file_name": png_name,
+                                     "segments_info": segments_info})
 
     with open(root / "annotations" / f"instances_{split}2017.json", "w") as f:
         json.dump({"info": info, "licenses": [], "images": images, "annotations": annotations,
                    "categories": THING_CATEGORIES}, f)
-    palette = np.random.default_rng(seed).integers(0, 256, size=(len(THING_CATEGORIES) + len(STUFF_CATEGORIES), 3))
-    panoptic_categories = [dict(c, isthing=1) for c in THING_CATEGORIES] + [dict(c, isthing=0) for c in STUFF_CATEGORIES]
+    panoptic_categories = ([dict(c, isthing=1) for c in THING_CATEGORIES]
+                           + [dict(c, isthing=0) for c in STUFF_CATEGORIES])
+    palette = np.random.default_rng(seed).integers(0, 256, size=(len(panoptic_categories), 3))
     for category, colour in zip(panoptic_categories, palette.tolist()):
         category["color"] = colour
     with open(root / "annotations" / f"panoptic_{split}2017.json", "w") as f:
@@ -370,7 +373,9 @@ def generate(out_dir: Union[str, Path], seed: int = 0, num_train: int = 2000, nu
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     info = {"description": "DETR synthetic shapes", "generator": "datasets.synthetic", "version": VERSION,
             "seed": seed, "num_train": num_train, "num_val": num_val, "image_size": image_size}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # a fresh hidden folder beside out_dir (mkdir, unlike mkdtemp, keeps the usual permissions)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         (tmp / "annotations").mkdir()
         _write_split(tmp, "train", num_train, seed, image_size, info)
@@ -389,7 +394,8 @@ def generate(out_dir: Union[str, Path], seed: int = 0, num_train: int = 2000, nu
 
 def default_cache_dir(seed: int = 0) -> Path:
     """`$DETR_DATA_DIR/synthetic-v1-seed<seed>`, or under `~/.cache/detr` when DETR_DATA_DIR is unset."""
-    root = Path(os.environ["DETR_DATA_DIR"]) if os.environ.get("DETR_DATA_DIR") else Path.home() / ".cache" / "detr"
+    root = os.environ.get("DETR_DATA_DIR")
+    root = Path(root) if root else Path.home() / ".cache" / "detr"
     return root / f"synthetic-v{VERSION}-seed{seed}"
 
 
@@ -399,9 +405,9 @@ def dataset_root(args) -> Path:
     if coco_path:
         root = Path(coco_path)
         if not root.is_dir():
-            raise FileNotFoundError(f"synthetic dataset folder {root} (--coco_path) not found; create one with "
-                                    f"`python -m datasets.synthetic {root}` or leave --coco_path unset to use "
-                                    f"the cached default")
+            raise FileNotFoundError(f"synthetic dataset folder {root} (--coco_path) not found; create one "
+                                    f"with `python -m datasets.synthetic {root}` or leave --coco_path unset "
+                                    f"to use the cached default")
         return root
     root = default_cache_dir(getattr(args, "synthetic_seed", 0))
     if not root.is_dir():
@@ -429,12 +435,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     parser.add_argument("--num_train", type=int, default=2000, help="number of training images")
     parser.add_argument("--num_val", type=int, default=200, help="number of validation images")
-    parser.add_argument("--image_size", type=int, default=128, help="typical image side (each side varies by +-12.5%%)")
+    parser.add_argument("--image_size", type=int, default=128,
+                        help="typical image side (each side varies by +-12.5%%)")
     args = parser.parse_args(argv)
     start = time.time()
     out = generate(args.out_dir, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                    image_size=args.image_size)
-    print(f"Wrote {args.num_train} train and {args.num_val} val images to {out} in {time.time() - start:.1f}s")
+    print(f"Wrote {args.num_train} train and {args.num_val} val images to {out} "
+          f"in {time.time() - start:.1f}s")
 
 
 if __name__ == "__main__":

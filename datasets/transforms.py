@@ -69,13 +69,15 @@ def hflip(image: PIL.Image.Image, target: Target) -> tuple[PIL.Image.Image, Targ
     if "boxes" in target:
         # x -> w - x, swapping x0 and x1 so boxes stay (x0, y0, x1, y1)
         boxes = target["boxes"]
-        target["boxes"] = boxes[:, [2, 1, 0, 3]] * torch.as_tensor([-1, 1, -1, 1]) + torch.as_tensor([w, 0, w, 0])
+        target["boxes"] = boxes[:, [2, 1, 0, 3]] * torch.as_tensor([-1, 1, -1, 1]) + torch.as_tensor(
+            [w, 0, w, 0])
     if "masks" in target:
         target["masks"] = target["masks"].flip(-1)
     return flipped_image, target
 
 
-def _size_with_aspect_ratio(image_size: tuple[int, int], size: int, max_size: Optional[int]) -> tuple[int, int]:
+def _size_with_aspect_ratio(image_size: tuple[int, int], size: int,
+                            max_size: Optional[int]) -> tuple[int, int]:
     """(h, w) such that the short side is `size`, unless the long side would then exceed `max_size`."""
     w, h = image_size
     if max_size is not None:
@@ -110,7 +112,8 @@ def resize(image: PIL.Image.Image, target: Target, size: Union[int, Sequence[int
     ratio_height = float(rescaled_image.size[1]) / float(image.size[1])
     target = target.copy()
     if "boxes" in target:
-        target["boxes"] = target["boxes"] * torch.as_tensor([ratio_width, ratio_height, ratio_width, ratio_height])
+        scale = torch.as_tensor([ratio_width, ratio_height, ratio_width, ratio_height])
+        target["boxes"] = target["boxes"] * scale
     if "area" in target:
         target["area"] = target["area"] * (ratio_width * ratio_height)
     target["size"] = torch.tensor([h, w])

@@ -33,7 +33,8 @@ def _gt_dict():
     return {
         "images": [{"id": i, "file_name": f"{i}.jpg", "height": H, "width": W} for i in (1, 2, 3, 4)],
         "annotations": anns,
-        "categories": [{"id": 1, "name": "one", "supercategory": "s"}, {"id": 3, "name": "three", "supercategory": "s"}],
+        "categories": [{"id": 1, "name": "one", "supercategory": "s"},
+                       {"id": 3, "name": "three", "supercategory": "s"}],
     }
 
 
@@ -48,7 +49,8 @@ def coco_gt(tmp_path):
 def _detections():
     # image_id -> list of (category_id, x0, y0, x1, y1, score); boxes on a 0.25 grid so xyxy <-> xywh is exact
     return {
-        1: [(1, 2, 3, 12, 15, 0.9), (3, 21, 5, 35, 24.5, 0.8), (1, 30, 25, 41, 36, 0.3), (3, 0, 0, 10, 10, 0.6)],
+        1: [(1, 2, 3, 12, 15, 0.9), (3, 21, 5, 35, 24.5, 0.8), (1, 30, 25, 41, 36, 0.3),
+            (3, 0, 0, 10, 10, 0.6)],
         2: [(3, 6, 4, 34.75, 35, 0.95), (1, 0, 0, 8, 8, 0.5), (1, 40, 30, 49, 39, 0.2)],
         3: [(1, 11, 11, 30, 25, 0.7), (3, 10, 10, 30, 25, 0.4)],
         4: [(1, 5, 5, 15, 15, 0.1)],
@@ -70,7 +72,8 @@ def _predictions(with_masks):
             "boxes": torch.tensor([d[1:5] for d in dets], dtype=torch.float32),
         }
         if with_masks:
-            pred["masks"] = torch.stack([torch.from_numpy(_mask(*d[1:5]))[None] for d in dets])  # [N, 1, H, W] uint8
+            # [N, 1, H, W] uint8, as PostProcessSegm returns them
+            pred["masks"] = torch.stack([torch.from_numpy(_mask(*d[1:5]))[None] for d in dets])
         predictions[image_id] = pred
     return predictions
 

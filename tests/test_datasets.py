@@ -19,8 +19,9 @@ def _image_entry(image_id, w=40, h=30):
 
 def _ann(ann_id, image_id, category_id, bbox, iscrowd=0):
     x, y, w, h = bbox
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox, "area": float(w * h),
-            "iscrowd": iscrowd, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]}
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
+            "area": float(w * h), "iscrowd": iscrowd,
+            "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]}
 
 
 def _valid_dict():
@@ -45,7 +46,8 @@ def _write(root: Path, data=None, split="train", images=True) -> Path:
     (root / "annotations" / f"instances_{split}2017.json").write_text(text)
     if images and not isinstance(data, str):
         for img in data["images"]:
-            array = np.random.default_rng(img["id"]).integers(0, 256, (img["height"], img["width"], 3), dtype=np.uint8)
+            shape = (img["height"], img["width"], 3)
+            array = np.random.default_rng(img["id"]).integers(0, 256, shape, dtype=np.uint8)
             PIL.Image.fromarray(array).save(root / f"{split}2017" / img["file_name"], quality=90)
     return root
 
@@ -66,7 +68,8 @@ def test_loaded_sample_has_target_fields(tmp_path):
     assert torch.equal(target["area"], torch.tensor([80.0, 400.0]))  # the annotation's area, unclipped
     assert torch.equal(target["iscrowd"], torch.tensor([0, 0]))
     assert torch.equal(target["image_id"], torch.tensor([1]))
-    assert torch.equal(target["orig_size"], torch.tensor([30, 40])) and torch.equal(target["size"], target["orig_size"])
+    assert torch.equal(target["orig_size"], torch.tensor([30, 40]))
+    assert torch.equal(target["size"], target["orig_size"])
     masks = target["masks"]
     assert masks.dtype == torch.bool and masks.shape == (2, 30, 40)
     assert masks[0].sum() == 80 and masks[0, 3:11, 2:12].all()
@@ -74,7 +77,8 @@ def test_loaded_sample_has_target_fields(tmp_path):
 
 
 def test_transforms_from_args(tmp_path):
-    args = _args(_write(tmp_path, split="val"), scales=[32], max_size=48, val_size=24, crop_scales=[], crop_size=(8, 16))
+    args = _args(_write(tmp_path, split="val"), scales=[32], max_size=48, val_size=24, crop_scales=[],
+                 crop_size=(8, 16))
     dataset = coco.build("val", args)
     img, target = dataset[0]
     assert img.shape == (3, 24, 32)
@@ -107,14 +111,15 @@ def test_malformed_json(tmp_path):
     with pytest.raises(coco.DatasetError) as info:
         coco.build("train", _args(tmp_path))
     message = str(info.value)
-    assert "malformed JSON" in message and "instances_train2017.json" in message and "line 1, column" in message
+    assert "malformed JSON" in message and "instances_train2017.json" in message
+    assert "line 1, column" in message
 
 
 def test_annotation_image_missing(tmp_path):
     data = _valid_dict()
     data["annotations"].append(_ann(77, 99, 1, [1, 1, 2, 2]))
     _write(tmp_path, data)
-    with pytest.raises(coco.DatasetError, match="annotation id 77 refers to image_id 99, which is not in 'images'"):
+    with pytest.raises(coco.DatasetError, match="annotation id 77 refers to image_id 99, which is not in"):
         coco.build("train", _args(tmp_path))
 
 

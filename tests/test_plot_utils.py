@@ -22,7 +22,8 @@ def _write_log(folder, epochs=4, eval_every=2):
                    "train_loss_bbox_unscaled": 0.3 - 0.01 * epoch, "epoch": epoch, "n_parameters": 41000000}
             if epoch % eval_every == eval_every - 1:  # test metrics only on some epochs, like --eval_every
                 row.update({"test_loss": 9.0 / (epoch + 1), "test_class_error": 40.0 - epoch,
-                            "test_loss_bbox_unscaled": 0.25, "test_coco_eval_bbox": [0.1 * epoch, 0.2 * epoch] + [0.0] * 10})
+                            "test_loss_bbox_unscaled": 0.25,
+                            "test_coco_eval_bbox": [0.1 * epoch, 0.2 * epoch] + [0.0] * 10})
             f.write(json.dumps(row) + "\n")
     return folder
 
@@ -65,9 +66,13 @@ def test_ewm_mean_matches_definition():
 
 def _coco_eval_dict(tmp_path):
     gt = {"images": [{"id": i, "width": 50, "height": 50, "file_name": f"{i}.jpg"} for i in (1, 2)],
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400.0, "iscrowd": 0},
-                          {"id": 2, "image_id": 2, "category_id": 2, "bbox": [10, 10, 30, 15], "area": 450.0, "iscrowd": 0}],
-          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]}  # c: no ground truth
+          "annotations": [
+              {"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400.0},
+              {"id": 2, "image_id": 2, "category_id": 2, "bbox": [10, 10, 30, 15], "area": 450.0}],
+          # category 'c' has no ground truth: precision -1 in COCOeval
+          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]}
+    for ann in gt["annotations"]:
+        ann["iscrowd"] = 0
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(tmp_path / "gt.json"))

@@ -20,6 +20,12 @@ def tiny(tmp_path_factory) -> Path:
     return synthetic.generate(tmp_path_factory.mktemp("syn") / "data", seed=0, num_train=6, num_val=3)
 
 
+def _extent(mask: np.ndarray) -> list:
+    """COCO box [x, y, w, h] of a mask's pixels."""
+    rows, cols = np.nonzero(mask)
+    return [cols.min(), rows.min(), cols.max() + 1 - cols.min(), rows.max() + 1 - rows.min()]
+
+
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -28,10 +34,12 @@ def test_deterministic_from_seed(tiny, tmp_path):
     again = synthetic.generate(tmp_path / "again", seed=0, num_train=6, num_val=3)
     assert _files(again) == _files(tiny)  # same json, same JPEG and PNG bytes
     other = synthetic.generate(tmp_path / "other", seed=1, num_train=6, num_val=3)
-    assert _files(other)["annotations/instances_train2017.json"] != _files(tiny)["annotations/instances_train2017.json"]
+    train_json = "annotations/instances_train2017.json"
+    assert _files(other)[train_json] != _files(tiny)[train_json]
     # each image depends only on (seed, split, index), not on the dataset size
     more = synthetic.generate(tmp_path / "more", seed=0, num_train=7, num_val=1)
-    assert (more / "train2017" / "000000000006.jpg").read_bytes() == (tiny / "train2017" / "000000000006.jpg").read_bytes()
+    last = Path("train2017") / "000000000006.jpg"
+    assert (more / last).read_bytes() == (tiny / last).read_bytes()
 
 
 def test_layout_and_no_leftovers(tiny):
@@ -40,7 +48,8 @@ def test_layout_and_no_leftovers(tiny):
     names = sorted(p.name for p in (tiny / "annotations").iterdir())
     assert names == ["instances_train2017.json", "instances_val2017.json", "panoptic_train2017",
                      "panoptic_train2017.json", "panoptic_val2017", "panoptic_val2017.json"]
-    assert len(list((tiny / "train2017").glob("*.jpg"))) == 6 and len(list((tiny / "val2017").glob("*.jpg"))) == 3
+    assert len(list((tiny / "train2017").glob("*.jpg"))) == 6
+    assert len(list((tiny / "val2017").glob("*.jpg"))) == 3
     with pytest.raises(FileExistsError):
         synthetic.generate(tiny)
 
@@ -62,10 +71,10 @@ def test_instances_constraints(tiny, split):
         assert ann["category_id"] in categories and ann["iscrowd"] == 0
         assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= img["width"] and y + h <= img["height"]
         # the polygons rasterise to the visible mask: its pixel count is the area, its extent the box
-        mask = mask_util.decode(mask_util.merge(mask_util.frPyObjects(ann["segmentation"], img["height"], img["width"])))
+        rles = mask_util.frPyObjects(ann["segmentation"], img["height"], img["width"])
+        mask = mask_util.decode(mask_util.merge(rles))
         assert mask.sum() == ann["area"] > 0
-        rows, cols = np.nonzero(mask)
-        assert [cols.min(), rows.min(), cols.max() + 1 - cols.min(), rows.max() + 1 - rows.min()] == ann["bbox"]
+        assert _extent(mask) == ann["bbox"]
 
 
 def test_panoptic_ids_match_segments(tiny):
@@ -81,13 +90,14 @@ def test_panoptic_ids_match_segments(tiny):
         assert present == {s["id"] for s in ann["segments_info"]}
         for segment in ann["segments_info"]:
             region = ids == segment["id"]
-            rows, cols = np.nonzero(region)
             assert region.sum() == segment["area"]
-            assert [cols.min(), rows.min(), cols.max() + 1 - cols.min(), rows.max() + 1 - rows.min()] == segment["bbox"]
+            assert _extent(region) == segment["bbox"]
             assert segment["category_id"] in things | stuff and segment["iscrowd"] == 0
         # things are the same objects, with the same boxes, as the instance annotations
-        inst = sorted((a["category_id"], a["bbox"]) for a in instances["annotations"] if a["image_id"] == ann["image_id"])
-        pan = sorted((s["category_id"], s["bbox"]) for s in ann["segments_info"] if s["category_id"] in things)
+        inst = sorted((a["category_id"], a["bbox"]) for a in instances["annotations"]
+                      if a["image_id"] == ann["image_id"])
+        pan = sorted((s["category_id"], s["bbox"]) for s in ann["segments_info"]
+                     if s["category_id"] in things)
         assert inst == pan
 
 
@@ -122,7 +132,8 @@ def test_missing_coco_path_is_not_generated(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    synthetic.main([str(tmp_path / "cli"), "--seed", "3", "--num_train", "1", "--num_val", "1", "--image_size", "64"])
+    synthetic.main([str(tmp_path / "cli"), "--seed", "3", "--num_train", "1", "--num_val", "1",
+                    "--image_size", "64"])
     data = json.loads((tmp_path / "cli" / "annotations" / "instances_val2017.json").read_text())
     assert data["info"]["seed"] == 3 and 56 <= data["images"][0]["height"] <= 72
     assert "Wrote 1 train and 1 val images" in capsys.readouterr().out

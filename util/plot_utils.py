@@ -61,7 +61,7 @@ def _column(rows: list[dict], key: str, index: Optional[int] = None) -> np.ndarr
 
 
 def _interpolate(values: np.ndarray) -> np.ndarray:
-    """Fill interior NaNs linearly (leading/trailing NaNs stay), like pandas' interpolate() in the original."""
+    """Fill interior NaNs linearly (leading/trailing NaNs stay), like the original's pandas interpolate()."""
     valid = np.flatnonzero(~np.isnan(values))
     if len(valid) < 2:
         return values
@@ -95,7 +95,8 @@ def _new_figure(ncols: int, figsize=(16, 5)):
     return fig, axs
 
 
-def plot_logs(logs: Union[PathLike, Sequence[PathLike]], fields: Sequence[str] = ("class_error", "loss_bbox_unscaled", "mAP"),
+def plot_logs(logs: Union[PathLike, Sequence[PathLike]],
+              fields: Sequence[str] = ("class_error", "loss_bbox_unscaled", "mAP"),
               ewm_col: float = 0, log_name: str = "log.txt", output: Optional[PathLike] = None):
     """Plot fields of the JSON-lines logs of one or more runs, one panel per field.
 

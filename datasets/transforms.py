@@ -152,8 +152,9 @@ class RandomSizeCrop:
         self.max_size = max_size
 
     def __call__(self, img: PIL.Image.Image, target: dict):
-        w = random.randint(self.min_size, min(img.width, self.max_size))
-        h = random.randint(self.min_size, min(img.height, self.max_size))
+        # an image smaller than min_size is kept whole on that side (the original raised ValueError)
+        w = random.randint(min(self.min_size, img.width), min(img.width, self.max_size))
+        h = random.randint(min(self.min_size, img.height), min(img.height, self.max_size))
         region = T.RandomCrop.get_params(img, [h, w])
         return crop(img, target, region)
 

@@ -204,3 +204,11 @@ def test_make_coco_transforms_defaults_match_original():
     assert isinstance(no_crop.transforms[1], T.RandomResize)
     with pytest.raises(ValueError, match="unknown image_set"):
         T.make_coco_transforms("test")
+
+
+def test_random_size_crop_smaller_image_than_min_size():
+    # the original raised ValueError here; the crop now keeps the whole side
+    image, target = _random_sample(np.random.default_rng(4), h=30, w=40)
+    out, t = T.RandomSizeCrop(384, 600)(image, target)
+    assert out.size == (40, 30)
+    assert torch.equal(t["boxes"], target["boxes"])

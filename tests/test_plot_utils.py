@@ -97,6 +97,18 @@ def test_plot_precision_recall_from_saved_eval(tmp_path, capsys):
     assert axs[0].get_legend().get_texts()[0].get_text() == "exp7"
 
 
+def test_plot_precision_recall_plain_types(tmp_path):
+    # plain tensors and a params dict, loadable with weights_only=True
+    raw = _coco_eval_dict(tmp_path)
+    plain = {k: torch.as_tensor(v) for k, v in raw.items() if k in ("precision", "recall", "scores")}
+    plain["params"] = {"recThrs": raw["params"].recThrs.tolist()}
+    torch.save(plain, tmp_path / "plain.pth")
+    torch.save(raw, tmp_path / "raw.pth")
+    _, axs, _ = plot_precision_recall([tmp_path / "plain.pth", tmp_path / "raw.pth"])
+    (x0, y0), (x1, y1) = (line.get_data() for line in axs[0].get_lines())
+    assert np.allclose(x0, x1) and np.allclose(y0, y1)
+
+
 def test_plot_precision_recall_minimal_dict(tmp_path):
     precision = torch.rand(10, 101, 3, 4, 3)
     torch.save({"precision": precision}, tmp_path / "e.pth")

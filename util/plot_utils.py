@@ -10,6 +10,7 @@ also be shown in a notebook.
 """
 import json
 import math
+import pickle
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -151,6 +152,15 @@ def _nanmean(values: np.ndarray, axis=None):
         return np.nanmean(values, axis=axis)
 
 
+def _load_eval(path: Path):
+    """An eval file: plain types (main.py's) load with weights_only; a raw COCOeval.eval (the original's)
+    holds a pycocotools Params object, which needs full unpickling: only open files you trust."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def _as_numpy(value) -> np.ndarray:
     return value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
@@ -161,8 +171,8 @@ def plot_precision_recall(files: Union[PathLike, Sequence[PathLike]], naming_sch
     the categories that have ground truth, from saved COCOeval.eval dicts.
 
     files: .pth files holding a dict with 'precision' [T, R, K, A, M] (and optionally 'recall'
-        [T, K, A, M], 'scores' like precision, 'params' with recThrs), e.g. the eval/latest.pth that
-        main.py writes.
+        [T, K, A, M], 'scores' like precision, 'params' with recThrs, as a Params object or a dict),
+        e.g. a saved COCOeval.eval or the eval/latest.pth that main.py writes.
     naming_scheme: 'iter' names a curve by the file stem, 'exp_id' by the run folder
         (<run>/eval/<file>.pth).
     output: PNG path; default `<folder of the first file>/precision_recall.png`.
@@ -182,15 +192,14 @@ def plot_precision_recall(files: Union[PathLike, Sequence[PathLike]], naming_sch
     for path, colour, name in zip(files, colours, names):
         if not path.is_file():
             raise FileNotFoundError(f"eval file {path} not found")
-        # COCOeval.eval holds a pycocotools Params object, which weights_only loading refuses
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        data = _load_eval(path)
         if not isinstance(data, dict) or "precision" not in data:
             raise ValueError(f"{path}: expected a COCOeval.eval dict with 'precision', found "
                              f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
         precision = _as_numpy(data["precision"]).astype(np.float64)  # [T, R, K, A, M]
         precision[precision < 0] = np.nan  # -1: category without ground truth
-        params = data.get("params")
-        rec_thrs = getattr(params, "recThrs", None)
+        params = data.get("params")  # a pycocotools Params, or a plain dict of its fields
+        rec_thrs = params.get("recThrs") if isinstance(params, dict) else getattr(params, "recThrs", None)
         rec_thrs = _as_numpy(rec_thrs) if rec_thrs is not None else np.linspace(0, 1, precision.shape[1])
         curve = _nanmean(precision[0, :, :, 0, -1], axis=1)  # IoU .5, all areas, max dets: [R]
         axs[0].plot(rec_thrs, curve, color=colour)

@@ -183,6 +183,9 @@ def transforms_from_args(image_set: str, args) -> T.Compose:
 
 
 def build(image_set: str, args) -> CocoDetection:
+    if not getattr(args, "coco_path", None):
+        raise ValueError(f"--dataset_file {getattr(args, 'dataset_file', 'coco')} needs --coco_path, the folder "
+                         f"holding train2017/, val2017/ and annotations/")
     root = Path(args.coco_path)
     if not root.is_dir():
         raise FileNotFoundError(f"COCO folder {root} (--coco_path) not found")

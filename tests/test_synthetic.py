@@ -110,7 +110,7 @@ def test_build_reads_through_coco_loader(tiny):
     img, target = val[0]
     assert img.shape[0] == 3 and min(img.shape[1:]) == 64
     assert len(target["boxes"]) == len(target["labels"]) == len(target["masks"]) >= 1
-    assert datasets.default_num_classes(args) == 5
+    assert datasets.default_num_classes(args) == 4
     assert datasets.get_category_names(train)[1] == "ellipse"
 
 
@@ -120,9 +120,9 @@ def test_default_cache_folder(tmp_path, monkeypatch, capsys):
     args = Namespace(dataset_file="synthetic", coco_path=None, masks=False)
     dataset = datasets.build_dataset("val", args)
     assert len(dataset) == 1
-    assert synthetic.default_cache_dir() == tmp_path / "synthetic-v1-seed0"
+    assert synthetic.default_cache_dir() == tmp_path / f"synthetic-v{synthetic.VERSION}-seed0"
     assert "Generating the synthetic dataset into" in capsys.readouterr().out
-    assert datasets.default_num_classes(args) == 5
+    assert datasets.default_num_classes(args) == 4
     assert "Using the synthetic dataset in" in capsys.readouterr().out  # the second time it is reused
 
 

@@ -1,0 +1,143 @@
+"""The two loops: one training epoch, and evaluation (losses + COCO metrics)."""
+import json
+import logging
+import math
+from typing import Iterable, Optional
+
+import torch
+
+from datasets.coco_eval import CocoEvaluator
+from util.dist import reduce_dict
+from util.logger import MetricLogger, SmoothedValue
+
+logger = logging.getLogger("detr")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _weighted_losses(loss_dict: dict, weight_dict: dict) -> torch.Tensor:
+    return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+
+def _log_dicts(loss_dict_reduced: dict, weight_dict: dict) -> tuple[dict, dict]:
+    unscaled = {f"{k}_unscaled": v for k, v in loss_dict_reduced.items()}
+    scaled = {k: v * weight_dict[k] for k, v in loss_dict_reduced.items() if k in weight_dict}
+    return unscaled, scaled
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, max_norm: float = 0,
+                    warmup_iters: int = 0, max_consecutive_nonfinite: int = 5, print_freq: int = 10) -> dict:
+    """Train for one epoch; returns the epoch's global averages of every logged value.
+
+    ``warmup_iters`` > 0 ramps the lr of every group linearly from 0 to its initial value over the first
+    iterations of training (counted from epoch 0). A step whose loss is not finite is skipped and reported
+    (loss values and image ids); after ``max_consecutive_nonfinite`` such steps in a row training stops.
+    """
+    model.train()
+    criterion.train()
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    header = f"Epoch: [{epoch}]"
+    consecutive_nonfinite = 0
+    skipped = 0
+    iters_per_epoch = len(data_loader)
+
+    for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        global_iter = epoch * iters_per_epoch + i
+        if global_iter < warmup_iters:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * (global_iter + 1) / warmup_iters
+        elif warmup_iters and global_iter == warmup_iters:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"]
+
+        samples = samples.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        outputs = model(samples)
+        loss_dict = criterion(outputs, targets)
+        weight_dict = criterion.weight_dict
+        losses = _weighted_losses(loss_dict, weight_dict)
+
+        loss_dict_reduced = reduce_dict(loss_dict)
+        unscaled, scaled = _log_dicts(loss_dict_reduced, weight_dict)
+        loss_value = sum(scaled.values()).item()
+
+        if not math.isfinite(loss_value):
+            consecutive_nonfinite += 1
+            skipped += 1
+            image_ids = [int(t["image_id"]) for t in targets if "image_id" in t]
+            logger.warning("Loss is %s at epoch %d iteration %d, step skipped. Image ids: %s. Losses: %s",
+                           loss_value, epoch, i, image_ids,
+                           json.dumps({k: float(v) for k, v in loss_dict_reduced.items()}))
+            optimizer.zero_grad()
+            if consecutive_nonfinite >= max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{consecutive_nonfinite} consecutive non-finite losses (last at epoch {epoch}, iteration {i}, "
+                    f"images {image_ids}); the training diverged: lower --lr, check --clip_max_norm and the data")
+            continue
+        consecutive_nonfinite = 0
+
+        optimizer.zero_grad()
+        losses.backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+
+        metric_logger.update(loss=loss_value, **scaled, **unscaled)
+        metric_logger.update(class_error=loss_dict_reduced["class_error"])
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+
+    metric_logger.synchronize_between_processes()
+    logger.info("Averaged stats: %s", metric_logger)
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats["skipped_steps"] = skipped
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: dict, data_loader: Iterable,
+             base_ds, device: torch.device, output_dir: str, print_freq: int = 10
+             ) -> tuple[dict, Optional[CocoEvaluator]]:
+    """Losses on the split plus COCO metrics for every post-processor ('bbox', 'segm').
+
+    Returns (stats, coco_evaluator); stats['coco_eval_bbox'] holds the 12 pycocotools numbers.
+    """
+    model.eval()
+    criterion.eval()
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    header = "Test:"
+
+    iou_types = tuple(k for k in ("segm", "bbox") if k in postprocessors)
+    coco_evaluator = CocoEvaluator(base_ds, iou_types)
+
+    for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
+        samples = samples.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        outputs = model(samples)
+        loss_dict = criterion(outputs, targets)
+        loss_dict_reduced = reduce_dict(loss_dict)
+        unscaled, scaled = _log_dicts(loss_dict_reduced, criterion.weight_dict)
+        metric_logger.update(loss=sum(scaled.values()), **scaled, **unscaled)
+        metric_logger.update(class_error=loss_dict_reduced["class_error"])
+
+        orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
+        results = postprocessors["bbox"](outputs, orig_target_sizes)
+        if "segm" in postprocessors:
+            target_sizes = torch.stack([t["size"] for t in targets], dim=0)
+            results = postprocessors["segm"](results, outputs, orig_target_sizes, target_sizes)
+        coco_evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
+
+    metric_logger.synchronize_between_processes()
+    logger.info("Averaged stats: %s", metric_logger)
+    coco_evaluator.synchronize_between_processes()
+    coco_evaluator.accumulate()
+    coco_evaluator.summarize()
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    for iou_type in iou_types:
+        stats[f"coco_eval_{iou_type}"] = coco_evaluator.coco_eval[iou_type].stats.tolist()
+    return stats, coco_evaluator

@@ -1,0 +1,122 @@
+"""Console logging (rank 0 only) and the smoothed training meters behind the console metric lines."""
+import datetime
+import logging
+import sys
+import time
+from collections import defaultdict, deque
+from typing import Iterable, Optional
+
+import torch
+
+from util.dist import all_gather, get_rank
+
+logger = logging.getLogger("detr")
+
+
+class _RankZeroFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return get_rank() == 0
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Plain messages on stdout from rank 0; other ranks stay quiet (warnings and errors included)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_detr", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_RankZeroFilter())
+    handler._detr = True
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+class SmoothedValue:
+    """A series of values: the median and mean over a window, and the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: Optional[str] = None):
+        self.deque: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        """Sum count and total over processes (the window stays local)."""
+        gathered = all_gather((self.count, self.total))
+        self.count = sum(c for c, _ in gathered)
+        self.total = sum(t for _, t in gathered)
+
+    @property
+    def median(self) -> float:
+        return torch.tensor(list(self.deque)).median().item() if self.deque else 0.0
+
+    @property
+    def avg(self) -> float:
+        return sum(self.deque) / len(self.deque) if self.deque else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    @property
+    def max(self) -> float:
+        return max(self.deque) if self.deque else 0.0
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
+                               value=self.value)
+
+
+class MetricLogger:
+    """Named SmoothedValues plus ``log_every``, which yields from an iterable and prints progress lines."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs) -> None:
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            self.meters[k].update(float(v))
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = ""):
+        total = len(iterable)
+        width = len(str(total))
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        start = end = time.time()
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [f"{header} [{i:{width}d}/{total}]", f"eta: {eta}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
+                logger.info(self.delimiter.join(parts))
+            end = time.time()
+        total_time = datetime.timedelta(seconds=int(time.time() - start))
+        logger.info(f"{header} Total time: {total_time} ({(time.time() - start) / max(total, 1):.4f} s / it)")

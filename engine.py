@@ -72,7 +72,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             image_ids = [int(t["image_id"]) for t in targets if "image_id" in t]
             logger.warning("Loss is %s at epoch %d iteration %d, step skipped. Image ids: %s. Losses: %s",
                            loss_value, epoch, i, image_ids,
-                           json.dumps({k: float(v) for k, v in loss_dict_reduced.items()}))
+                           json.dumps({k: float(v.detach()) for k, v in loss_dict_reduced.items()}))
             optimizer.zero_grad()
             if consecutive_nonfinite >= max_consecutive_nonfinite:
                 raise NonFiniteLossError(

@@ -138,6 +138,8 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     coco_evaluator.accumulate()
     coco_evaluator.summarize()
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
-    for iou_type in iou_types:
-        stats[f"coco_eval_{iou_type}"] = coco_evaluator.coco_eval[iou_type].stats.tolist()
+    # the original's log keys: coco_eval_bbox, coco_eval_masks
+    for iou_type, key in (("bbox", "coco_eval_bbox"), ("segm", "coco_eval_masks")):
+        if iou_type in iou_types:
+            stats[key] = coco_evaluator.coco_eval[iou_type].stats.tolist()
     return stats, coco_evaluator

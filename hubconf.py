@@ -6,9 +6,9 @@ Models are built through ``models.build_model`` from ``main.py``'s parser defaul
 models and trained models can never drift apart. ``pretrained=True`` goes through
 ``torch.hub.load_state_dict_from_url``: a file already in ``$TORCH_HOME/hub/checkpoints/`` is used offline.
 """
-from main import get_args_parser
 from models import build_model
 from models.segmentation import PostProcessPanoptic
+from util.args import get_args_parser
 from util.checkpoint import load_checkpoint, load_model_state
 
 dependencies = ["torch", "torchvision"]
@@ -30,6 +30,7 @@ def _hub_args(backbone: str, dilation: bool, num_classes: int, mask: bool):
     args.dilation = dilation
     args.num_classes = num_classes
     args.masks = mask
+    args.aux_loss = False  # the original hub models return no aux_outputs
     args.dataset_file = "coco_panoptic" if mask else "coco"
     args.device = "cpu"
     args.backbone_weights = "none"  # the hub checkpoint holds the backbone; never download ImageNet weights

@@ -17,6 +17,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from util.dist import get_rank
+
 SUPPORTED_IOU_TYPES = ("bbox", "segm")
 
 
@@ -81,12 +83,19 @@ class CocoEvaluator:
                 coco_eval.cocoDt = self.coco_gt.loadRes(results) if results else empty_results(self.coco_gt)
                 coco_eval.params.imgIds = sorted(self.img_ids)
                 coco_eval.evaluate()
-            coco_eval.accumulate()
+            with _quiet_unless_main_process():
+                coco_eval.accumulate()
 
     def summarize(self) -> None:
-        for iou_type, coco_eval in self.coco_eval.items():
-            print(f"IoU metric: {iou_type}")
-            coco_eval.summarize()
+        """pycocotools' 12-line summary per iou type (printed by the main process only)."""
+        with _quiet_unless_main_process():
+            for iou_type, coco_eval in self.coco_eval.items():
+                print(f"IoU metric: {iou_type}")
+                coco_eval.summarize()
+
+
+def _quiet_unless_main_process():
+    return contextlib.redirect_stdout(io.StringIO()) if get_rank() != 0 else contextlib.nullcontext()
 
 
 def empty_results(coco_gt: COCO) -> COCO:

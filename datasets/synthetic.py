@@ -26,6 +26,7 @@ once into a cache folder and reads it with the regular COCO loader (`datasets.co
 """
 import argparse
 import json
+import logging
 import os
 import shutil
 import time
@@ -39,6 +40,8 @@ import PIL.ImageDraw
 from scipy import ndimage
 
 VERSION = 2
+
+logger = logging.getLogger("detr")
 
 THING_CATEGORIES = [
     {"id": 1, "name": "ellipse", "supercategory": "shape"},
@@ -415,12 +418,12 @@ def dataset_root(args) -> Path:
         return root
     root = default_cache_dir(getattr(args, "synthetic_seed", 0))
     if not root.is_dir():
-        print(f"Generating the synthetic dataset into {root} (once; set DETR_DATA_DIR to choose the folder)")
+        logger.info("Generating the synthetic dataset into %s (once; set DETR_DATA_DIR to choose the folder)", root)
         start = time.time()
         generate(root, seed=getattr(args, "synthetic_seed", 0))
-        print(f"Synthetic dataset ready in {time.time() - start:.1f}s")
+        logger.info("Synthetic dataset ready in %.1fs", time.time() - start)
     else:
-        print(f"Using the synthetic dataset in {root}")
+        logger.info("Using the synthetic dataset in %s", root)
     return root
 
 

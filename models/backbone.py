@@ -44,6 +44,9 @@ class BackboneBase(nn.Module):
     def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
         xs = self.body(tensor_list.tensors)
         m = tensor_list.mask
+        if m is None:
+            raise ValueError("Backbone: the NestedTensor has no padding mask; build it with "
+                             "nested_tensor_from_tensor_list")
         out = {}
         for name, x in xs.items():
             mask = F.interpolate(m[None].float(), size=x.shape[-2:]).to(torch.bool)[0]  # [B, h, w]

@@ -1,6 +1,5 @@
 """The DETR detector, its set-prediction loss and its post-processing."""
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +56,7 @@ class DETR(nn.Module):
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
         hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1],
-                              cross_attn_bias=self._prior_bias(mask))[0]  # [L, B, Q, C]
+                              **self._prior_kwargs(mask))[0]  # [L, B, Q, C]
         outputs_class, outputs_coord = self._heads(hs)
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
@@ -72,10 +71,12 @@ class DETR(nn.Module):
             box = torch.cat([box[..., :2] + ref, box[..., 2:]], dim=-1)
         return outputs_class, box.sigmoid()
 
-    def _prior_bias(self, mask: Tensor) -> Optional[Tensor]:
-        """[B, Q, H*W] additive cross-attention bias -d^2 / (2 sigma^2), or None without the spatial prior."""
-        if not self.spatial_prior:
-            return None
+    def _prior_kwargs(self, mask: Tensor) -> dict:
+        """Extra transformer arguments: the spatial prior's bias when on (any transformer works when off)."""
+        return {"cross_attn_bias": self._prior_bias(mask)} if self.spatial_prior else {}
+
+    def _prior_bias(self, mask: Tensor) -> Tensor:
+        """[B, Q, H*W] additive cross-attention bias -d^2 / (2 sigma^2)."""
         not_mask = ~mask
         # key centres in normalised image coordinates (padding excluded from the extent)
         y = (not_mask.cumsum(1, dtype=torch.float32) - 0.5) / not_mask.sum(1, keepdim=True).clamp(min=1)
@@ -251,7 +252,7 @@ class PostProcess(nn.Module):
         img_h, img_w = target_sizes.unbind(1)
         scale_fct = torch.stack([img_w, img_h, img_w, img_h], dim=1)
         boxes = boxes * scale_fct[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
 
 
 class MLP(nn.Module):
@@ -287,9 +288,13 @@ def build(args):
 
     ``args.num_classes`` must be set (main.py derives it from the dataset when the user did not give it).
     """
-    if args.num_classes is None or args.num_classes < 1:
-        raise ValueError(f"build_model: num_classes must be a positive integer, got {args.num_classes!r}")
     num_classes = args.num_classes
+    if num_classes is None:  # derived from the dataset, which owns its class count
+        from datasets import default_num_classes
+
+        num_classes = default_num_classes(args)
+    if num_classes < 1:
+        raise ValueError(f"build_model: num_classes must be a positive integer, got {num_classes!r}")
     device = torch.device(args.device)
 
     backbone = build_backbone(args)

@@ -38,8 +38,7 @@ class DETRsegm(nn.Module):
         bs = features[-1].tensors.shape[0]
         src, mask = features[-1].decompose()
         src_proj = detr.input_proj(src)
-        hs, memory = detr.transformer(src_proj, mask, detr.query_embed.weight, pos[-1],
-                                      cross_attn_bias=detr._prior_bias(mask))
+        hs, memory = detr.transformer(src_proj, mask, detr.query_embed.weight, pos[-1], **detr._prior_kwargs(mask))
         outputs_class, outputs_coord = detr._heads(hs)
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if detr.aux_loss:

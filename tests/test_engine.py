@@ -12,7 +12,8 @@ from engine import NonFiniteLossError, train_one_epoch
 from util.nested_tensor import nested_tensor_from_tensor_list
 
 TINY = ["--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64",
-        "--num_queries", "6", "--batch_size", "4", "--num_workers", "0", "--epochs", "1", "--lr_drop", "5"]
+        "--num_queries", "6", "--batch_size", "4", "--num_workers", "0", "--warmup_iters", "0", "--epochs", "1",
+        "--lr_drop", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,20 @@ def test_resume_continues_at_the_next_epoch_with_the_optimizer(trained, caplog):
     # AdamW's step count went on from the restored state instead of restarting
     step_before = before["optimizer"]["state"][0]["step"]
     assert after["optimizer"]["state"][0]["step"] == 2 * step_before
+
+
+def test_resume_can_override_the_lr_and_conflicting_starts_are_refused(trained, tmp_path, caplog):
+    out, argv, _ = trained
+    rerun = [a for a in argv]
+    rerun[rerun.index("--output_dir") + 1] = str(tmp_path)
+    rerun[rerun.index("--epochs") + 1] = "3"  # the checkpoint may be at epoch 1 already
+    with caplog.at_level(logging.INFO, logger="detr"):
+        run(rerun + ["--lr", "2e-4", "--resume", str(out / "checkpoint.pth")])
+    assert "the command line overrides lr of the checkpoint" in caplog.text
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
+    with pytest.raises(SystemExit, match="--finetune .* cannot be combined with --resume"):
+        run(rerun + ["--finetune", str(out / "checkpoint.pth"), "--resume", str(out / "checkpoint.pth")])
 
 
 def test_eval_resume_reproduces_the_logged_ap(trained, tmp_path):
@@ -137,3 +152,13 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(caplog):
     assert torch.equal(model.w.detach(), torch.ones(1))
     with pytest.raises(NonFiniteLossError, match="5 consecutive non-finite losses"):
         train_one_epoch(model, _NanCriterion(), [batch] * 6, optimizer, torch.device("cpu"), 0)
+
+
+def test_plots_from_the_real_run(trained, tmp_path):
+    from util.plot_utils import plot_logs, plot_precision_recall
+
+    out, _, _ = trained
+    _, _, png = plot_logs(out, output=tmp_path / "logs.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _, _, png = plot_precision_recall([out / "eval" / "latest.pth"], output=tmp_path / "pr.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

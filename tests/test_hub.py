@@ -72,7 +72,8 @@ def test_pretrained_loads_offline_from_the_hub_cache(name, hub_cache):
 
 
 def test_postprocessors():
-    _, post = hubconf.detr_resnet50(return_postprocessor=True)
+    model, post = hubconf.detr_resnet50(return_postprocessor=True)
+    assert not model.aux_loss  # as the original hub models: no aux_outputs
     assert type(post).__name__ == "PostProcess"
     _, post = hubconf.detr_resnet50_panoptic(return_postprocessor=True, threshold=0.5)
     assert type(post).__name__ == "PostProcessPanoptic"

@@ -1,6 +1,7 @@
 """datasets.synthetic: a deterministic COCO-format dataset that the regular loaders read."""
 import functools
 import json
+import logging
 import time
 from argparse import Namespace
 from collections import Counter
@@ -114,16 +115,19 @@ def test_build_reads_through_coco_loader(tiny):
     assert datasets.get_category_names(train)[1] == "ellipse"
 
 
-def test_default_cache_folder(tmp_path, monkeypatch, capsys):
+def test_default_cache_folder(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DETR_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(synthetic, "generate", functools.partial(synthetic.generate, num_train=2, num_val=1))
     args = Namespace(dataset_file="synthetic", coco_path=None, masks=False)
-    dataset = datasets.build_dataset("val", args)
+    with caplog.at_level(logging.INFO, logger="detr"):
+        dataset = datasets.build_dataset("val", args)
     assert len(dataset) == 1
     assert synthetic.default_cache_dir() == tmp_path / f"synthetic-v{synthetic.VERSION}-seed0"
-    assert "Generating the synthetic dataset into" in capsys.readouterr().out
-    assert datasets.default_num_classes(args) == 4
-    assert "Using the synthetic dataset in" in capsys.readouterr().out  # the second time it is reused
+    assert "Generating the synthetic dataset into" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="detr"):
+        assert datasets.default_num_classes(args) == 4
+    assert "Using the synthetic dataset in" in caplog.text  # the second time it is reused
 
 
 def test_missing_coco_path_is_not_generated(tmp_path):

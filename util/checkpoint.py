@@ -44,7 +44,8 @@ def load_checkpoint(path_or_url: str) -> dict:
     """Read a checkpoint from a path or URL (URLs go through the torch hub cache) with ``weights_only``."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         if path_or_url.startswith(("https://", "http://")):
-            ckpt = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", check_hash=True)
+            ckpt = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", check_hash=True,
+                                                      weights_only=True)
         else:
             if not os.path.isfile(path_or_url):
                 raise FileNotFoundError(f"checkpoint {path_or_url!r} does not exist")

@@ -12,5 +12,6 @@ from util.dist import (  # noqa: F401
     is_main_process,
     reduce_dict,
 )
+from util.logger import MetricLogger, SmoothedValue  # noqa: F401
 from util.metrics import accuracy  # noqa: F401
 from util.nested_tensor import NestedTensor, collate_fn, nested_tensor_from_tensor_list  # noqa: F401

@@ -22,7 +22,8 @@ class NestedTensor:
         return self.tensors, self.mask
 
     def __repr__(self) -> str:
-        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
+        mask = None if self.mask is None else tuple(self.mask.shape)
+        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={mask})"
 
 
 def nested_tensor_from_tensor_list(tensor_list: list[Tensor] | Tensor) -> NestedTensor:

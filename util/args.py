@@ -1,0 +1,113 @@
+"""The command line of main.py (every flag of the original, same names and defaults, plus the new ones).
+
+Kept apart from main.py so that hubconf.py builds hub models from the same defaults without importing the
+training code (datasets, pycocotools). ``main.get_args_parser`` is this function.
+"""
+import argparse
+
+import torch
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Set transformer detector", add_help=False)
+    parser.add_argument("--lr", default=1e-4, type=float, help="learning rate of the transformer and heads")
+    parser.add_argument("--lr_backbone", default=1e-5, type=float,
+                        help="learning rate of the backbone; 0 freezes it (and then no intermediate layer trains)")
+    parser.add_argument("--batch_size", default=2, type=int, help="images per process and step")
+    parser.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
+    parser.add_argument("--epochs", default=300, type=int, help="number of training epochs")
+    parser.add_argument("--lr_drop", default=200, type=int, help="epoch at which the lr is divided by 10 (StepLR)")
+    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: none)")
+    parser.add_argument("--warmup_iters", default=0, type=int,
+                        help="linear lr warmup over this many iterations (0: none, as the original)")
+
+    # Model parameters
+    parser.add_argument("--frozen_weights", type=str, default=None,
+                        help="path to a pretrained box model; if set, only the mask head is trained")
+    # * Backbone
+    parser.add_argument("--backbone", default="resnet50", type=str, help="torchvision ResNet to use")
+    parser.add_argument("--dilation", action="store_true",
+                        help="replace the stride of the last block by a dilation (DC5)")
+    parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned", "v2", "v3"),
+                        help="type of positional embedding on top of the image features")
+    parser.add_argument("--backbone_weights", default="imagenet", type=str,
+                        help="initial backbone weights: 'imagenet' (torchvision's ImageNet-1k V1, from the torch "
+                             "hub cache or downloaded), 'none' (random) or a path to a ResNet state dict; not used "
+                             "when a full checkpoint is loaded (--resume, --frozen_weights)")
+    parser.add_argument("--backbone_norm", default="frozen_bn", choices=("frozen_bn", "bn"),
+                        help="backbone normalisation: frozen batch norm (original) or trainable BatchNorm "
+                             "(convergence aid when training from random weights)")
+    parser.add_argument("--backbone_last_layer", default="layer4", choices=("layer3", "layer4"),
+                        help="last ResNet stage used: layer4 (stride 32, original) or layer3 (stride 16)")
+    parser.add_argument("--train_backbone_stem", action="store_true",
+                        help="also train the stem and layer1 (frozen in the original)")
+    # * Transformer
+    parser.add_argument("--enc_layers", default=6, type=int, help="number of encoding layers in the transformer")
+    parser.add_argument("--dec_layers", default=6, type=int, help="number of decoding layers in the transformer")
+    parser.add_argument("--dim_feedforward", default=2048, type=int,
+                        help="intermediate size of the feedforward layers in the transformer blocks")
+    parser.add_argument("--hidden_dim", default=256, type=int,
+                        help="size of the embeddings (dimension of the transformer)")
+    parser.add_argument("--dropout", default=0.1, type=float, help="dropout applied in the transformer")
+    parser.add_argument("--nheads", default=8, type=int, help="number of attention heads in the transformer")
+    parser.add_argument("--num_queries", default=100, type=int, help="number of query slots")
+    parser.add_argument("--pre_norm", action="store_true", help="pre-norm transformer layers")
+    parser.add_argument("--pos_at_input", action="store_true",
+                        help="also add the positional encoding to the encoder input (convergence aid)")
+    parser.add_argument("--spatial_prior", action="store_true",
+                        help="per-query reference points with a Gaussian cross-attention prior, SMCA-style "
+                             "(convergence aid for training from scratch; not the published DETR)")
+    # * Segmentation
+    parser.add_argument("--masks", action="store_true", help="train the segmentation head")
+
+    # Loss
+    parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                        help="disable the auxiliary decoding losses (loss at each layer)")
+    # * Matcher
+    parser.add_argument("--set_cost_class", default=1, type=float, help="class coefficient in the matching cost")
+    parser.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box coefficient in the matching cost")
+    parser.add_argument("--set_cost_giou", default=2, type=float, help="giou box coefficient in the matching cost")
+    # * Loss coefficients
+    parser.add_argument("--mask_loss_coef", default=1, type=float, help="weight of the focal mask loss")
+    parser.add_argument("--dice_loss_coef", default=1, type=float, help="weight of the dice mask loss")
+    parser.add_argument("--bbox_loss_coef", default=5, type=float, help="weight of the L1 box loss")
+    parser.add_argument("--giou_loss_coef", default=2, type=float, help="weight of the GIoU box loss")
+    parser.add_argument("--eos_coef", default=0.1, type=float,
+                        help="relative classification weight of the no-object class")
+
+    # dataset parameters
+    parser.add_argument("--dataset_file", default="coco", help="coco, coco_panoptic or synthetic")
+    parser.add_argument("--coco_path", type=str, help="COCO-format folder (train2017/, val2017/, annotations/)")
+    parser.add_argument("--coco_panoptic_path", type=str, help="COCO panoptic folder")
+    parser.add_argument("--remove_difficult", action="store_true", help="(unused; kept for compatibility)")
+    parser.add_argument("--num_classes", default=None, type=int,
+                        help="number of object classes (max class id + 1); default from the dataset: 91 for coco, "
+                             "250 for coco_panoptic, the categories of the annotation file otherwise")
+    parser.add_argument("--scales", default=[480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], type=int,
+                        nargs="+", help="training shorter-side sizes, one picked at random per image")
+    parser.add_argument("--max_size", default=1333, type=int, help="longest side after resizing")
+    parser.add_argument("--val_size", default=800, type=int, help="evaluation shorter-side size")
+    parser.add_argument("--crop_scales", default=[400, 500, 600], type=int, nargs="*",
+                        help="sizes of the resize before the random crop augmentation (empty: no crop branch)")
+    parser.add_argument("--crop_size", default=[384, 600], type=int, nargs=2,
+                        help="min and max side of the random crop")
+
+    parser.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to use for training / testing")
+    parser.add_argument("--seed", default=42, type=int)
+    parser.add_argument("--resume", default="", help="resume from checkpoint (path or URL): model, optimizer, "
+                                                     "lr scheduler and epoch")
+    parser.add_argument("--finetune", default="",
+                        help="start from a checkpoint's model weights only (path or URL); a class head of another "
+                             "size is re-initialised with a warning; optimizer and epoch start fresh")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
+    parser.add_argument("--eval", action="store_true", help="only evaluate")
+    parser.add_argument("--num_workers", default=2, type=int, help="data loading workers")
+    parser.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
+                        help="mixed precision: off (fp32, as the original), bf16 or fp16")
+
+    # distributed training parameters
+    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    return parser

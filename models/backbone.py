@@ -111,6 +111,10 @@ def load_backbone_weights(backbone: Backbone, spec: str) -> Optional[str]:
         try:
             state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False)
         except Exception as err:  # no network, proxy, disk ...: say what to do instead
+            if os.path.exists(cached):
+                raise RuntimeError(
+                    f"--backbone_weights imagenet: the cached file {cached} could not be read ({type(err).__name__}: "
+                    f"{err}); delete it to download it again, or pass --backbone_weights PATH / none") from err
             raise RuntimeError(
                 f"--backbone_weights imagenet: the ImageNet weights of {backbone.name} are not in the torch hub cache "
                 f"({cached}) and could not be downloaded from {url} ({type(err).__name__}: {err}). Put the file "

@@ -153,6 +153,16 @@ def test_imagenet_weights_missing_gives_a_clear_error(monkeypatch, tmp_path):
     assert "--backbone_weights none" in msg and "--backbone_weights PATH" in msg
 
 
+def test_corrupt_cached_imagenet_weights_are_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / "resnet18-f37072fd.pth").write_bytes(b"truncated")
+    model, _, _ = build_model(tiny_args())
+    with pytest.raises(RuntimeError, match=r"cached file .*resnet18-f37072fd.pth could not be read.*delete it"):
+        load_backbone_weights(model.backbone[0], "imagenet")
+
+
 def test_backbone_weights_from_cache_and_from_path(monkeypatch, tmp_path):
     import torchvision
 

@@ -13,6 +13,9 @@ from util.checkpoint import load_checkpoint, load_model_state
 
 dependencies = ["torch", "torchvision"]
 
+# COCO panoptic: category ids up to 90 are things, the rest (92..200) stuff, as the published models were trained
+COCO_PANOPTIC_THING_IDS = list(range(91))
+
 _URLS = {
     "detr_resnet50": "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
     "detr_resnet50_dc5": "https://dl.fbaipublicfiles.com/detr/detr-r50-dc5-f0fb7ef5.pth",
@@ -32,6 +35,7 @@ def _hub_args(backbone: str, dilation: bool, num_classes: int, mask: bool):
     args.masks = mask
     args.aux_loss = False  # the original hub models return no aux_outputs
     args.dataset_file = "coco_panoptic" if mask else "coco"
+    args.thing_ids = COCO_PANOPTIC_THING_IDS if mask else None
     args.device = "cpu"
     args.backbone_weights = "none"  # the hub checkpoint holds the backbone; never download ImageNet weights
     return args
@@ -74,7 +78,7 @@ def _panoptic(name, backbone, dilation, pretrained, num_classes, threshold, retu
     model, _ = _make_detr(name, backbone, dilation, num_classes, pretrained, mask=True)
     if not return_postprocessor:
         return model
-    is_thing_map = {i: i <= 90 for i in range(250)}
+    is_thing_map = {i: i in COCO_PANOPTIC_THING_IDS for i in range(num_classes + 1)}
     return model, PostProcessPanoptic(is_thing_map, threshold=threshold)
 
 

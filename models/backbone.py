@@ -1,7 +1,7 @@
 """ResNet backbone returning padded feature maps, joined with the positional encoding."""
 import logging
 import os
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,13 @@ class BackboneBase(nn.Module):
         self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
         self.num_channels = num_channels
 
-    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
+    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
         xs = self.body(tensor_list.tensors)
         m = tensor_list.mask
         if m is None:
             raise ValueError("Backbone: the NestedTensor has no padding mask; build it with "
                              "nested_tensor_from_tensor_list")
-        out = {}
+        out: Dict[str, NestedTensor] = {}
         for name, x in xs.items():
             mask = F.interpolate(m[None].float(), size=x.shape[-2:]).to(torch.bool)[0]  # [B, h, w]
             out[name] = NestedTensor(x, mask)
@@ -67,16 +67,31 @@ class Backbone(BackboneBase):
             raise ValueError(f"Backbone: norm must be 'frozen_bn' or 'bn', got {norm!r}")
         if last_layer not in ("layer3", "layer4"):
             raise ValueError(f"Backbone: last_layer must be 'layer3' or 'layer4', got {last_layer!r}")
-        if not name.startswith("resnet") or not hasattr(torchvision.models, name):
-            raise ValueError(f"--backbone: expected a torchvision ResNet name (resnet18/34/50/101/152), got {name!r}")
         norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
         # Never downloads: weights=None; pretrained weights are loaded explicitly by load_backbone_weights.
-        backbone = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer)
-        layer4_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        backbone = _build_resnet(name, weights=None, replace_stride_with_dilation=[False, False, dilation],
+                                 norm_layer=norm_layer)
+        layer4_channels = backbone.fc.in_features  # 512 for resnet18/34, 2048 for the bottleneck ResNets
         num_channels = layer4_channels if last_layer == "layer4" else layer4_channels // 2
         super().__init__(backbone, train_backbone, num_channels, return_interm_layers, last_layer, train_all_layers)
         self.name = name
+
+
+def resnet_names() -> list[str]:
+    """The torchvision classification models that are ResNets (resnet*, resnext*, wide_resnet*)."""
+    return [n for n in torchvision.models.list_models(module=torchvision.models)
+            if n.startswith(("resnet", "resnext", "wide_resnet"))]
+
+
+def _build_resnet(name: str, **kwargs) -> torchvision.models.ResNet:
+    """Any torchvision ResNet by name, as the original accepted (resnet50, resnext101_32x8d, wide_resnet50_2...)."""
+    if name not in resnet_names():
+        raise ValueError(f"--backbone: {name!r} is not a torchvision ResNet; expected one of "
+                         f"{', '.join(resnet_names())}")
+    model = torchvision.models.get_model(name, **kwargs)
+    if not isinstance(model, torchvision.models.ResNet):
+        raise ValueError(f"--backbone: torchvision's {name!r} is not a ResNet")
+    return model
 
 
 class Joiner(nn.Sequential):
@@ -85,10 +100,10 @@ class Joiner(nn.Sequential):
     def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
 
-    def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[torch.Tensor]]:
+    def forward(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[torch.Tensor]]:
         xs = self[0](tensor_list)
-        out: list[NestedTensor] = []
-        pos = []
+        out: List[NestedTensor] = []
+        pos: List[torch.Tensor] = []
         for _, x in xs.items():
             out.append(x)
             pos.append(self[1](x).to(x.tensors.dtype))

@@ -1,5 +1,5 @@
 """The DETR detector, its set-prediction loss and its post-processing."""
-import math
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from models.backbone import build_backbone
 from models.matcher import build_matcher
 from models.segmentation import DETRsegm, PostProcessPanoptic, PostProcessSegm, dice_loss, sigmoid_focal_loss
+from models.spatial_prior import SpatialPrior
 from models.transformer import build_transformer
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from util.dist import get_world_size, is_dist_avail_and_initialized
@@ -19,14 +20,12 @@ class DETR(nn.Module):
     """Backbone + transformer + prediction heads for set-based object detection.
 
     ``num_classes`` counts the object classes, *without* the no-object class the class head adds.
-    With ``spatial_prior`` (a convergence aid for training from scratch, not in the published model),
-    each query owns a learnable reference point and width: the decoder cross-attention logits get
-    ``-d^2 / (2 sigma^2)`` with d the key's distance to the point, and box centres are predicted
-    relative to it.
+    ``spatial_prior`` (``models.spatial_prior.SpatialPrior``) is an optional convergence aid for training from
+    scratch; the published DETR has none.
     """
 
     def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
-                 aux_loss: bool = False, spatial_prior: bool = False, prior_sigma: float = 0.15):
+                 aux_loss: bool = False, spatial_prior: Optional[SpatialPrior] = None):
         super().__init__()
         self.num_queries = num_queries
         self.transformer = transformer
@@ -38,11 +37,12 @@ class DETR(nn.Module):
         self.backbone = backbone
         self.aux_loss = aux_loss
         self.spatial_prior = spatial_prior
-        if spatial_prior:
-            self.reference_points = nn.Parameter(_grid_points(num_queries))  # [Q, 2] (x, y) in (0, 1)
-            self.prior_log_sigma = nn.Parameter(torch.full((num_queries,), math.log(prior_sigma)))
+        if spatial_prior is not None:
+            # its parameters keep the state-dict keys they had before they moved into their own module
+            self.register_state_dict_post_hook(_lift_spatial_prior_keys)
+            self.register_load_state_dict_pre_hook(_nest_spatial_prior_keys)
 
-    def forward(self, samples) -> dict:
+    def forward(self, samples: NestedTensor) -> Dict[str, Any]:
         """``samples``: a NestedTensor (images [B, 3, H, W] + padding mask [B, H, W]), a [B, 3, H, W] tensor or a
         list of [3, H, W] tensors.
 
@@ -51,51 +51,51 @@ class DETR(nn.Module):
         - 'pred_boxes': [B, num_queries, 4] (cx, cy, w, h) normalised by the (unpadded) image size;
         - 'aux_outputs' (with aux_loss): a list with the same two keys for every decoder layer but the last.
         """
-        if not isinstance(samples, NestedTensor):
+        if isinstance(samples, (list, Tensor)):
             samples = nested_tensor_from_tensor_list(samples)
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
+        assert mask is not None
         hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1],
-                              **self._prior_kwargs(mask))[0]  # [L, B, Q, C]
-        outputs_class, outputs_coord = self._heads(hs)
-        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+                              self.cross_attention_bias(mask))[0]  # [num_dec_layers, B, Q, C]
+        return self.predict(hs)
+
+    def cross_attention_bias(self, mask: Tensor) -> Optional[Tensor]:
+        """The spatial prior's [B, Q, H*W] decoder cross-attention bias; None for the published model."""
+        if self.spatial_prior is None:
+            return None
+        return self.spatial_prior.attention_bias(mask)
+
+    def predict(self, hs: Tensor) -> Dict[str, Any]:
+        """Class and box heads on the decoder outputs hs [num_dec_layers, B, Q, C] (the output dict of forward)."""
+        outputs_class = self.class_embed(hs)
+        box = self.bbox_embed(hs)
+        if self.spatial_prior is not None:
+            box = self.spatial_prior.offset_centres(box)
+        outputs_coord = box.sigmoid()
+        out: Dict[str, Any] = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
         return out
 
-    def _heads(self, hs: Tensor) -> tuple[Tensor, Tensor]:
-        outputs_class = self.class_embed(hs)
-        box = self.bbox_embed(hs)
-        if self.spatial_prior:  # centre as an offset from the reference point, in logit space
-            ref = torch.logit(self.reference_points.clamp(1e-4, 1 - 1e-4))
-            box = torch.cat([box[..., :2] + ref, box[..., 2:]], dim=-1)
-        return outputs_class, box.sigmoid()
-
-    def _prior_kwargs(self, mask: Tensor) -> dict:
-        """Extra transformer arguments: the spatial prior's bias when on (any transformer works when off)."""
-        return {"cross_attn_bias": self._prior_bias(mask)} if self.spatial_prior else {}
-
-    def _prior_bias(self, mask: Tensor) -> Tensor:
-        """[B, Q, H*W] additive cross-attention bias -d^2 / (2 sigma^2)."""
-        not_mask = ~mask
-        # key centres in normalised image coordinates (padding excluded from the extent)
-        y = (not_mask.cumsum(1, dtype=torch.float32) - 0.5) / not_mask.sum(1, keepdim=True).clamp(min=1)
-        x = (not_mask.cumsum(2, dtype=torch.float32) - 0.5) / not_mask.sum(2, keepdim=True).clamp(min=1)
-        keys = torch.stack([x.flatten(1), y.flatten(1)], dim=-1)  # [B, HW, 2]
-        d2 = ((keys[:, None, :, :] - self.reference_points[None, :, None, :]) ** 2).sum(-1)  # [B, Q, HW]
-        sigma2 = torch.exp(2 * self.prior_log_sigma)[None, :, None]
-        return (-d2 / (2 * sigma2)).to(mask.device)
-
-    @torch.jit.unused
-    def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor) -> list[dict]:
+    def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor) -> List[Dict[str, Tensor]]:
         return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
 
 
-def _grid_points(n: int) -> Tensor:
-    side = math.ceil(math.sqrt(n))
-    ticks = (torch.arange(side, dtype=torch.float32) + 0.5) / side
-    ys, xs = torch.meshgrid(ticks, ticks, indexing="ij")
-    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)[:n].clone()
+_PRIOR_KEYS = ("reference_points", "prior_log_sigma")
+
+
+def _lift_spatial_prior_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    for name in _PRIOR_KEYS:
+        key = f"{prefix}spatial_prior.{name}"
+        if key in state_dict:
+            state_dict[prefix + name] = state_dict.pop(key)
+
+
+def _nest_spatial_prior_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    for name in _PRIOR_KEYS:
+        if prefix + name in state_dict:
+            state_dict[f"{prefix}spatial_prior.{name}"] = state_dict.pop(prefix + name)
 
 
 class SetCriterion(nn.Module):
@@ -286,21 +286,21 @@ def build_weight_dict(args) -> dict[str, float]:
 def build(args):
     """Returns (model, criterion, postprocessors) from the parsed command-line arguments.
 
-    ``args.num_classes`` must be set (main.py derives it from the dataset when the user did not give it).
+    ``args.num_classes`` must be set: the dataset owns its class count (main.py derives it when the user did not
+    give --num_classes). With ``--masks`` on a panoptic dataset, ``args.thing_ids`` lists the category ids that
+    are things (the rest are stuff), also taken from the dataset.
     """
     num_classes = args.num_classes
-    if num_classes is None:  # derived from the dataset, which owns its class count
-        from datasets import default_num_classes
-
-        num_classes = default_num_classes(args)
-    if num_classes < 1:
-        raise ValueError(f"build_model: num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"build_model: num_classes must be a positive integer, got {num_classes!r} "
+                         f"(set --num_classes, or let main.py take it from the dataset)")
     device = torch.device(args.device)
 
     backbone = build_backbone(args)
     transformer = build_transformer(args)
+    spatial_prior = SpatialPrior(args.num_queries) if getattr(args, "spatial_prior", False) else None
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
-                 aux_loss=args.aux_loss, spatial_prior=getattr(args, "spatial_prior", False))
+                 aux_loss=args.aux_loss, spatial_prior=spatial_prior)
     if args.masks:
         if getattr(args, "backbone_last_layer", "layer4") != "layer4":
             raise ValueError("--masks needs the full backbone (--backbone_last_layer layer4)")
@@ -314,6 +314,11 @@ def build(args):
     if args.masks:
         postprocessors["segm"] = PostProcessSegm()
         if args.dataset_file == "coco_panoptic":
-            is_thing_map = {i: i <= 90 for i in range(201)}
+            thing_ids = getattr(args, "thing_ids", None)
+            if thing_ids is None:
+                raise ValueError("build_model: a panoptic model needs args.thing_ids, the category ids that are "
+                                 "things (main.py takes them from the dataset's categories)")
+            things = set(thing_ids)
+            is_thing_map = {i: i in things for i in range(num_classes + 1)}
             postprocessors["panoptic"] = PostProcessPanoptic(is_thing_map, threshold=0.85)
     return model, criterion, postprocessors

@@ -1,6 +1,7 @@
 """Mask head for instance / panoptic segmentation, trained on top of a (usually frozen) box DETR."""
 import io
 from collections import defaultdict
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -30,19 +31,19 @@ class DETRsegm(nn.Module):
         c = detr.backbone.num_channels
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [c // 2, c // 4, c // 8], hidden_dim)
 
-    def forward(self, samples) -> dict:
-        if not isinstance(samples, NestedTensor):
+    def forward(self, samples: NestedTensor) -> Dict[str, Any]:
+        """DETR's output dict plus 'pred_masks' [B, num_queries, H/4, W/4] (mask logits)."""
+        if isinstance(samples, (list, Tensor)):
             samples = nested_tensor_from_tensor_list(samples)
         detr = self.detr
         features, pos = detr.backbone(samples)
-        bs = features[-1].tensors.shape[0]
         src, mask = features[-1].decompose()
+        assert mask is not None
+        bs = src.shape[0]
         src_proj = detr.input_proj(src)
-        hs, memory = detr.transformer(src_proj, mask, detr.query_embed.weight, pos[-1], **detr._prior_kwargs(mask))
-        outputs_class, outputs_coord = detr._heads(hs)
-        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
-        if detr.aux_loss:
-            out["aux_outputs"] = detr._set_aux_loss(outputs_class, outputs_coord)
+        hs, memory = detr.transformer(src_proj, mask, detr.query_embed.weight, pos[-1],
+                                      detr.cross_attention_bias(mask))
+        out = detr.predict(hs)
 
         bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)  # [B, Q, nheads, h, w]
         seg_masks = self.mask_head(src_proj, bbox_mask, [features[2].tensors, features[1].tensors,
@@ -84,20 +85,22 @@ class MaskHeadSmallConv(nn.Module):
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 nn.init.constant_(m.bias, 0)
 
-    def forward(self, x: Tensor, bbox_mask: Tensor, fpns: list[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, bbox_mask: Tensor, fpns: List[Tensor]) -> Tensor:
         """x: [B, C, h, w] projected features; bbox_mask: [B, Q, nheads, h, w]; fpns: layer3, layer2, layer1 maps."""
         x = torch.cat([_expand(x, bbox_mask.shape[1]), bbox_mask.flatten(0, 1)], 1)
         x = F.relu(self.gn1(self.lay1(x)))
         x = F.relu(self.gn2(self.lay2(x)))
-        for adapter, lay, gn, fpn in ((self.adapter1, self.lay3, self.gn3, fpns[0]),
-                                      (self.adapter2, self.lay4, self.gn4, fpns[1]),
-                                      (self.adapter3, self.lay5, self.gn5, fpns[2])):
-            cur_fpn = adapter(fpn)
-            if cur_fpn.size(0) != x.size(0):
-                cur_fpn = _expand(cur_fpn, x.size(0) // cur_fpn.size(0))
-            x = cur_fpn + F.interpolate(x, size=cur_fpn.shape[-2:], mode="nearest")
-            x = F.relu(gn(lay(x)))
+        x = F.relu(self.gn3(self.lay3(_add_fpn(x, self.adapter1(fpns[0])))))
+        x = F.relu(self.gn4(self.lay4(_add_fpn(x, self.adapter2(fpns[1])))))
+        x = F.relu(self.gn5(self.lay5(_add_fpn(x, self.adapter3(fpns[2])))))
         return self.out_lay(x)
+
+
+def _add_fpn(x: Tensor, fpn: Tensor) -> Tensor:
+    """x [B * Q, C, h, w] upsampled (nearest) to the backbone map fpn [B, C, H, W] (repeated per query) and added."""
+    if fpn.size(0) != x.size(0):
+        fpn = _expand(fpn, x.size(0) // fpn.size(0))
+    return fpn + F.interpolate(x, size=fpn.shape[-2:], mode="nearest")
 
 
 class MHAttentionMap(nn.Module):
@@ -117,7 +120,7 @@ class MHAttentionMap(nn.Module):
         nn.init.xavier_uniform_(self.q_linear.weight)
         self.normalize_fact = float(hidden_dim / self.num_heads) ** -0.5
 
-    def forward(self, q: Tensor, k: Tensor, mask=None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """q: [B, Q, C] queries; k: [B, C, h, w] memory; mask: [B, h, w] True on padding."""
         q = self.q_linear(q)
         # the key projection as a 1x1 convolution keeps the spatial layout

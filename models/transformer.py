@@ -54,11 +54,13 @@ class Transformer(nn.Module):
         mask = mask.flatten(1)  # [B, HW]
         if self.pos_at_input:
             src = src + pos_embed
-        memory_mask, memory_key_padding_mask = None, mask
+        memory_mask: Optional[Tensor] = None
+        memory_key_padding_mask = mask
         if cross_attn_bias is not None:  # -> [B * nhead, Q, HW], the layout nn.MultiheadAttention expects
             memory_mask = cross_attn_bias.repeat_interleave(self.nhead, dim=0)
             # an additive float mask too, as MultiheadAttention wants both masks of one type
-            memory_key_padding_mask = torch.zeros_like(mask, dtype=memory_mask.dtype).masked_fill(mask, float("-inf"))
+            memory_key_padding_mask = torch.zeros_like(mask, dtype=cross_attn_bias.dtype).masked_fill(
+                mask, float("-inf"))
 
         tgt = torch.zeros_like(query_embed)
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)

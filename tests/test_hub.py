@@ -103,3 +103,58 @@ def test_wrong_checkpoint_names_the_offending_keys(hub_cache):
     assert "detr-r50-e632da11.pth" in msg
     assert "transformer.encoder.layers.0.self_attn.in_proj_weight (the transformer encoder)" in msg
     assert "segmentation (--masks)" in msg
+
+
+# the R50 box and panoptic models run by default; the other five share their code (another depth, or a dilation)
+SCRIPT_BY_DEFAULT = ("detr_resnet50", "detr_resnet50_panoptic")
+
+
+@pytest.mark.parametrize("name", [n if n in SCRIPT_BY_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(ENTRYPOINTS)])
+def test_hub_models_script_and_equal_eager(name):
+    import warnings
+
+    from util.nested_tensor import nested_tensor_from_tensor_list
+
+    torch.manual_seed(0)
+    model = getattr(hubconf, name)().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in recent torch
+        scripted = torch.jit.script(model)
+    samples = nested_tensor_from_tensor_list([torch.rand(3, 96, 128), torch.rand(3, 128, 96)])
+    with torch.no_grad():
+        eager, script = model(samples), scripted(samples)
+    assert sorted(eager) == sorted(script)
+    for k in eager:
+        assert torch.equal(eager[k], script[k]), k
+
+
+def _offline(monkeypatch):
+    import urllib.error
+
+    def unreachable(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+
+
+def test_offline_pretrained_says_where_to_put_the_file(hub_cache, monkeypatch):
+    _offline(monkeypatch)
+    with pytest.raises(RuntimeError) as err:
+        hubconf.detr_resnet50(pretrained=True)
+    msg = str(err.value)
+    assert "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth could not be downloaded" in msg
+    assert str(hub_cache / "detr-r50-e632da11.pth") in msg
+
+
+def test_offline_resume_url_says_where_to_put_the_file(hub_cache, monkeypatch):
+    from util.checkpoint import load_checkpoint
+
+    _offline(monkeypatch)
+    url = "https://example.invalid/detr/some-run-0123abcd.pth"
+    with pytest.raises(RuntimeError, match=f"could not be downloaded .*put the file at "
+                                           f"{hub_cache / 'some-run-0123abcd.pth'}"):
+        load_checkpoint(url)
+    (hub_cache / "some-run-0123abcd.pth").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match="cached file .*some-run-0123abcd.pth could not be read.*delete it"):
+        load_checkpoint(url)

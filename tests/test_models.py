@@ -130,12 +130,14 @@ def test_dc5_and_learned_position_embedding_build():
     assert out["pred_boxes"].shape == (1, 5, 4)
 
 
-def test_building_never_downloads(monkeypatch):
-    def no_network(*a, **k):
+def test_building_never_downloads(monkeypatch, tmp_path):
+    def no_download(*a, **k):
         raise AssertionError("building a model must not download")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: any weights would have to be downloaded
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)  # what torchvision's weights call
     build_model(tiny_args(backbone_weights="imagenet"))
+    build_model(tiny_args(backbone="resnet50", masks=True, hidden_dim=128, nheads=8))
 
 
 def test_imagenet_weights_missing_gives_a_clear_error(monkeypatch, tmp_path):
@@ -186,3 +188,118 @@ def test_backbone_weights_from_cache_and_from_path(monkeypatch, tmp_path):
         load_backbone_weights(backbone, str(tmp_path / "bad.pth"))
     with pytest.raises(FileNotFoundError, match="is not a file"):
         load_backbone_weights(backbone, str(tmp_path / "nope.pth"))
+
+
+def test_any_torchvision_resnet_is_a_backbone():
+    from models.backbone import Backbone
+
+    for name, channels in (("resnext50_32x4d", 2048), ("wide_resnet50_2", 2048), ("resnet34", 512)):
+        backbone = Backbone(name, train_backbone=True, return_interm_layers=False, dilation=False)
+        assert backbone.num_channels == channels, name
+        out = backbone(nested_tensor_from_tensor_list([torch.rand(3, 64, 64)]))
+        assert out["0"].tensors.shape[1] == channels
+    with pytest.raises(ValueError, match="'vgg16' is not a torchvision ResNet; expected one of .*resnext50_32x4d"):
+        Backbone("vgg16", train_backbone=True, return_interm_layers=False, dilation=False)
+
+
+def test_imagenet_weights_of_every_resnet_are_known():
+    from models.backbone import _imagenet_url, resnet_names
+
+    assert _imagenet_url("wide_resnet50_2").endswith("wide_resnet50_2-95faca4d.pth")
+    for name in resnet_names():
+        assert _imagenet_url(name).startswith("https://download.pytorch.org/models/"), name
+
+
+def test_spatial_prior_is_its_own_module_with_the_old_state_dict_keys():
+    from models.spatial_prior import SpatialPrior
+
+    model, _, _ = build_model(tiny_args(spatial_prior=True))
+    assert isinstance(model.spatial_prior, SpatialPrior)
+    keys = list(model.state_dict())
+    assert "reference_points" in keys and "prior_log_sigma" in keys
+    assert not any(k.startswith("spatial_prior.") for k in keys)
+    # a checkpoint written with those keys loads strictly, into DETRsegm too
+    other, _, _ = build_model(tiny_args(spatial_prior=True))
+    other.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(other.spatial_prior.reference_points, model.spatial_prior.reference_points)
+    segm, _, _ = build_model(tiny_args(spatial_prior=True, masks=True, hidden_dim=128, nheads=8))
+    assert "detr.reference_points" in segm.state_dict()
+    segm.load_state_dict(segm.state_dict(), strict=True)
+    plain, _, _ = build_model(tiny_args())
+    assert plain.spatial_prior is None
+
+
+def test_models_do_not_import_datasets():
+    import subprocess
+    import sys
+
+    code = "import sys, models, hubconf; sys.exit(int(any(m.split('.')[0] == 'datasets' for m in sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert result.returncode == 0, "models/ or hubconf.py imported datasets/"
+
+
+def _two_images():
+    torch.manual_seed(1)
+    return nested_tensor_from_tensor_list([torch.rand(3, 96, 128), torch.rand(3, 112, 80)])
+
+
+def _assert_scripted_equal(model, samples):
+    import warnings
+
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in recent torch
+        scripted = torch.jit.script(model)
+    with torch.no_grad():
+        eager, script = model(samples), scripted(samples)
+    assert eager.keys() == script.keys()
+    for k, v in eager.items():
+        if k == "aux_outputs":
+            for a, b in zip(v, script[k]):
+                for kk in a:
+                    assert torch.equal(a[kk], b[kk]), (k, kk)
+        else:
+            assert torch.equal(v, script[k]), k
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    dict(spatial_prior=True, pos_at_input=True, backbone_norm="bn", train_backbone_stem=True,
+         backbone_last_layer="layer3"),
+    dict(position_embedding="learned", pre_norm=True, aux_loss=False),
+    dict(masks=True, hidden_dim=128, nheads=8, spatial_prior=True),
+])
+def test_scripted_model_equals_eager(overrides):
+    model, _, _ = build_model(tiny_args(**overrides))
+    _assert_scripted_equal(model, _two_images())
+
+
+def test_scripted_parts_equal_eager():
+    import warnings
+
+    from models.backbone import Backbone, Joiner
+    from models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+
+    samples = _two_images()
+    backbone = Backbone("resnet18", True, True, False).eval()
+    parts = [backbone, PositionEmbeddingSine(32, normalize=True), PositionEmbeddingLearned(32),
+             Joiner(backbone, PositionEmbeddingSine(32, normalize=True)).eval()]
+    for part in parts:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.script(part)
+        with torch.no_grad():
+            x = samples
+            if isinstance(part, (PositionEmbeddingSine, PositionEmbeddingLearned)):
+                x = backbone(samples)["0"]
+            eager, script = part(x), scripted(x)
+        if isinstance(eager, dict):
+            for k in eager:
+                assert torch.equal(eager[k].tensors, script[k].tensors) and torch.equal(eager[k].mask, script[k].mask)
+        elif isinstance(eager, tuple):
+            for a, b in zip(eager[0], script[0]):
+                assert torch.equal(a.tensors, b.tensors)
+            for a, b in zip(eager[1], script[1]):
+                assert torch.equal(a, b)
+        else:
+            assert torch.equal(eager, script)

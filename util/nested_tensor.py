@@ -1,7 +1,8 @@
-"""Padded image batches: a tensor plus a boolean mask that is True on padding."""
-from __future__ import annotations
+"""Padded image batches: a tensor plus a boolean mask that is True on padding.
 
-from typing import Optional
+``NestedTensor`` is a TorchScript class, so scripted models take it as input, as the original's did.
+"""
+from typing import List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -14,19 +15,22 @@ class NestedTensor:
         self.tensors = tensors
         self.mask = mask
 
-    def to(self, device, non_blocking: bool = False) -> "NestedTensor":
-        mask = self.mask.to(device, non_blocking=non_blocking) if self.mask is not None else None
+    def to(self, device: torch.device, non_blocking: bool = False) -> "NestedTensor":
+        mask = self.mask
+        if mask is not None:
+            mask = mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
 
     def decompose(self) -> tuple[Tensor, Optional[Tensor]]:
         return self.tensors, self.mask
 
+    @torch.jit.unused
     def __repr__(self) -> str:
         mask = None if self.mask is None else tuple(self.mask.shape)
         return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={mask})"
 
 
-def nested_tensor_from_tensor_list(tensor_list: list[Tensor] | Tensor) -> NestedTensor:
+def nested_tensor_from_tensor_list(tensor_list: Union[List[Tensor], Tensor]) -> NestedTensor:
     """Pad a list of ``[C, H, W]`` tensors (or ``[N, H, W]`` masks) to a common size, bottom/right.
 
     A 4-D tensor is treated as a list of 3-D tensors (no padding, mask all False).
@@ -52,3 +56,9 @@ def collate_fn(batch):
     """Collate ``(image, target)`` pairs: images into a NestedTensor, targets into a tuple."""
     images, targets = tuple(zip(*batch))
     return nested_tensor_from_tensor_list(list(images)), targets
+
+
+def interpolate(input: Tensor, size=None, scale_factor=None, mode: str = "nearest", align_corners=None) -> Tensor:
+    """The original's ``util.misc.interpolate``: today simply ``torch.nn.functional.interpolate`` (which handles
+    empty batches itself), kept so that users' imports work."""
+    return torch.nn.functional.interpolate(input, size, scale_factor, mode, align_corners)

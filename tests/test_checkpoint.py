@@ -71,3 +71,33 @@ def test_component_names():
     assert component_of("detr.mask_head.lay1.weight") == "the segmentation head"
     assert component_of("backbone.0.body.layer4.0.conv1.weight") == "the backbone"
     assert component_of("query_embed.weight") == "the object queries"
+
+
+def test_written_files_get_the_umask_permissions_and_reach_the_disk(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.path.isdir(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else None)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    old_umask = os.umask(0o022)
+    try:
+        save_checkpoint({"model": {}}, str(tmp_path / "a.pth"))
+        os.umask(0o002)
+        save_checkpoint({"model": {}}, str(tmp_path / "b.pth"))
+    finally:
+        os.umask(old_umask)
+    assert oct(os.stat(tmp_path / "a.pth").st_mode & 0o777) == oct(0o644)  # group and others may read
+    assert oct(os.stat(tmp_path / "b.pth").st_mode & 0o777) == oct(0o664)
+    # per file: the data first, then the folder holding the rename
+    assert synced[:2] == [False, True] and len(synced) == 4
+
+
+def test_save_on_master_writes_atomically_on_the_main_process(tmp_path):
+    from util.misc import save_on_master
+
+    save_on_master({"model": {"w": torch.ones(1)}}, tmp_path / "x.pth")
+    assert torch.load(tmp_path / "x.pth", weights_only=True)["model"]["w"].item() == 1.0
+    assert os.listdir(tmp_path) == ["x.pth"]

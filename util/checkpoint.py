@@ -5,10 +5,12 @@ One schema: ``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'scaler'?}
 implementation hold an ``argparse.Namespace``; they still load (the Namespace is allow-listed, nothing else).
 """
 import argparse
+import contextlib
 import logging
 import os
-import tempfile
-from typing import Any
+import uuid
+from urllib.parse import urlparse
+from typing import IO, Any, Iterator
 
 import torch
 from torch import nn
@@ -44,8 +46,7 @@ def load_checkpoint(path_or_url: str) -> dict:
     """Read a checkpoint from a path or URL (URLs go through the torch hub cache) with ``weights_only``."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         if path_or_url.startswith(("https://", "http://")):
-            ckpt = torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", check_hash=True,
-                                                      weights_only=True)
+            ckpt = _load_url(path_or_url)
         else:
             if not os.path.isfile(path_or_url):
                 raise FileNotFoundError(f"checkpoint {path_or_url!r} does not exist")
@@ -61,19 +62,62 @@ def load_checkpoint(path_or_url: str) -> dict:
     return ckpt
 
 
-def save_checkpoint(obj: dict[str, Any], path: str) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename, so no partial file is left."""
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
+    """Open ``path`` for writing so that it appears complete or not at all.
+
+    The data goes to a temporary file beside it (created like a normal ``open()``, so it gets the usual permissions
+    under the user's umask, unlike ``tempfile.mkstemp``'s 0600), is flushed to disk, then renamed over ``path``;
+    the folder is flushed too, so a crash or a power loss leaves either the old or the new file, never an empty one.
+    On any error the temporary file is removed and ``path`` is untouched.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, "x" + mode.replace("w", "")) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cached_file(url: str) -> str:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps ``url``: ``$TORCH_HOME/hub/checkpoints/<file name>``."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+
+
+def _load_url(url: str) -> dict:
+    """A checkpoint through the torch hub cache; offline or unreadable, an error that says where to put the file."""
+    cached = cached_file(url)
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
+    except Exception as err:
+        if os.path.exists(cached):
+            raise RuntimeError(f"checkpoint {url}: the cached file {cached} could not be read "
+                               f"({type(err).__name__}: {err}); delete it to download it again") from err
+        raise RuntimeError(
+            f"checkpoint {url} could not be downloaded ({type(err).__name__}: {err}). Offline, put the file at "
+            f"{cached} (set TORCH_HOME to use another cache folder), or pass a local path instead of the URL.") from err
+
+
+def save_checkpoint(obj: dict[str, Any], path: str) -> None:
+    """``torch.save`` through ``atomic_write``: no partial checkpoint is ever left under ``path``."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def _describe(keys: list[str], limit: int = 5) -> str:

@@ -2,10 +2,18 @@
 
 Kept apart from main.py so that hubconf.py builds hub models from the same defaults without importing the
 training code (datasets, pycocotools). ``main.get_args_parser`` is this function.
+
+Also here: the CPU-sized training recipe that ``--dataset_file synthetic`` applies to the flags the user did not
+give (``SYNTHETIC_RECIPE``), and how "the flags the user gave" is known (``parse_args`` records them).
 """
 import argparse
+import copy
+import logging
+from typing import Any, Optional
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -111,3 +119,91 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     return parser
+
+
+# Model/training flags for the embedded synthetic dataset on a CPU, applied to every flag the user did not set.
+SYNTHETIC_RECIPE: dict[str, Any] = {
+    # a small model that fits a 2-core CPU
+    "backbone": "resnet18",
+    "backbone_weights": "none",
+    "hidden_dim": 128,
+    "enc_layers": 2,
+    "dec_layers": 2,
+    "dim_feedforward": 512,
+    "nheads": 8,
+    "num_queries": 16,
+    "dropout": 0.0,
+    # convergence aids for training from random weights in minutes (not the published DETR recipe)
+    "backbone_norm": "bn",
+    "train_backbone_stem": True,
+    "backbone_last_layer": "layer3",
+    "pos_at_input": True,
+    "spatial_prior": True,
+    "warmup_iters": 200,
+    # schedule and data
+    "batch_size": 8,
+    "lr": 4e-4,
+    "lr_backbone": 4e-4,
+    "epochs": 13,
+    "lr_drop": 10,
+    "scales": [128],
+    "max_size": 160,
+    "val_size": 128,
+    "crop_scales": [],
+    "num_workers": 0,
+}
+
+# --dataset_file -> the recipe its runs start from
+DATASET_RECIPES: dict[str, dict[str, Any]] = {"synthetic": SYNTHETIC_RECIPE}
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The destinations of the flags actually given in ``argv`` (whatever their values)."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return sorted(vars(probe.parse_args(argv)))
+
+
+def parse_args(argv: list[str], parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    """Parse a command line and record which flags it gave in ``args.explicit_flags``.
+
+    ``main.main`` relies on that record to apply a dataset's recipe to the other flags only, and to let only
+    flags given on the command line override the schedule of a resumed checkpoint.
+    """
+    if parser is None:
+        parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    args.explicit_flags = explicit_flags(parser, argv)
+    return args
+
+
+def given_flags(args: argparse.Namespace) -> Optional[set[str]]:
+    """The flags the caller set: ``args.explicit_flags`` when a command line was parsed by ``parse_args``, else
+    None (a Namespace built by other code, e.g. ``get_args_parser().parse_args([...])``)."""
+    given = getattr(args, "explicit_flags", None)
+    return None if given is None else set(given)
+
+
+def apply_dataset_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """Give every flag the user did not set the value of the dataset's recipe (``DATASET_RECIPES``); returns and
+    records in ``args.defaults_applied`` what was applied. Idempotent.
+
+    Without ``args.explicit_flags`` a flag counts as set when its value differs from the parser's default, so
+    ``main.main(get_args_parser().parse_args(['--dataset_file', 'synthetic']))`` gets the same recipe as the
+    command line.
+    """
+    if getattr(args, "defaults_applied", None) is not None:
+        return args.defaults_applied
+    recipe = DATASET_RECIPES.get(args.dataset_file, {})
+    given = given_flags(args)
+    if given is None:
+        defaults = vars(get_args_parser().parse_args([]))
+        given = {k for k, v in defaults.items() if getattr(args, k, v) != v}
+    applied = {}
+    for name, value in recipe.items():
+        if name not in given:
+            setattr(args, name, copy.deepcopy(value))
+            applied[name] = value
+    args.defaults_applied = applied
+    return applied

@@ -1,7 +1,8 @@
 """torch.distributed helpers. Everything degrades to a single process when dist is not initialised."""
+import contextlib
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,44 @@ def get_rank() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
+
+
+def get_local_rank() -> int:
+    """This process's rank on its node (LOCAL_RANK from torchrun, SLURM_LOCALID under srun; 0 otherwise)."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if name in os.environ and is_dist_avail_and_initialized():
+            return int(os.environ[name])
+    return 0
+
+
+def is_local_main_process() -> bool:
+    return get_local_rank() == 0
+
+
+@contextlib.contextmanager
+def local_main_first() -> Iterator[None]:
+    """Run the enclosed block on the main process of each node first, the node's other processes after it (e.g.
+    to generate or download files once per node, then read them everywhere). Without torch.distributed: just runs."""
+    if not is_dist_avail_and_initialized():
+        yield
+        return
+    if not is_local_main_process():
+        dist.barrier()
+    yield
+    if is_local_main_process():
+        dist.barrier()
+
+
+def save_on_master(obj: Any, f: Any, **kwargs) -> None:
+    """``torch.save`` on the main process only (the original's helper). A path is written atomically."""
+    if not is_main_process():
+        return
+    if isinstance(f, (str, os.PathLike)):
+        from util.checkpoint import save_checkpoint
+
+        save_checkpoint(obj, os.fspath(f))
+    else:
+        torch.save(obj, f, **kwargs)
 
 
 def all_gather(data: Any) -> list[Any]:

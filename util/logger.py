@@ -10,7 +10,7 @@ import torch
 
 from util.dist import all_gather, get_rank
 
-logger = logging.getLogger("detr")
+logger = logging.getLogger(__name__)
 
 
 class _RankZeroFilter(logging.Filter):
@@ -30,6 +30,24 @@ def setup_logging(level: int = logging.INFO) -> None:
     handler._detr = True
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """The original's helper, for users' scripts: silences ``print`` on processes other than the master (a
+    ``print(..., force=True)`` still prints) and sets up this project's rank-0 logging. The project itself logs
+    through ``logging`` and does not use it."""
+    import builtins
+
+    builtin_print = getattr(builtins.print, "_detr_original", builtins.print)
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    print._detr_original = builtin_print
+    builtins.print = print
+    setup_logging()
 
 
 class SmoothedValue:
@@ -89,6 +107,13 @@ class MetricLogger:
             if isinstance(v, torch.Tensor):
                 v = v.item()
             self.meters[k].update(float(v))
+
+    def __getattr__(self, name: str) -> SmoothedValue:
+        """Meters by attribute (``metric_logger.loss``), as in the original."""
+        meters = self.__dict__.get("meters", {})
+        if name in meters:
+            return meters[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter

@@ -11,7 +11,9 @@ from util.dist import (  # noqa: F401
     is_dist_avail_and_initialized,
     is_main_process,
     reduce_dict,
+    save_on_master,
 )
-from util.logger import MetricLogger, SmoothedValue  # noqa: F401
+from util.git import get_sha  # noqa: F401
+from util.logger import MetricLogger, SmoothedValue, setup_for_distributed  # noqa: F401
 from util.metrics import accuracy  # noqa: F401
-from util.nested_tensor import NestedTensor, collate_fn, nested_tensor_from_tensor_list  # noqa: F401
+from util.nested_tensor import NestedTensor, collate_fn, interpolate, nested_tensor_from_tensor_list  # noqa: F401

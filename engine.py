@@ -10,7 +10,7 @@ from datasets.coco_eval import CocoEvaluator
 from util.dist import reduce_dict
 from util.logger import MetricLogger, SmoothedValue
 
-logger = logging.getLogger("detr")
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,8 +32,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     warmup_iters: int = 0, max_consecutive_nonfinite: int = 5, print_freq: int = 10) -> dict:
     """Train for one epoch; returns the epoch's global averages of every logged value.
 
-    ``warmup_iters`` > 0 ramps the lr of every group linearly from 0 to its initial value over the first
-    iterations of training (counted from epoch 0). A step whose loss is not finite is skipped and reported
+    ``warmup_iters`` > 0 scales the lr of every group (what the lr scheduler set, e.g. after a drop) linearly from
+    0 to 1 over the first iterations of training (counted from epoch 0); the groups hold the scheduler's values
+    again when the epoch ends. A step whose loss is not finite is skipped and reported
     (loss values and image ids); after ``max_consecutive_nonfinite`` such steps in a row training stops.
     """
     model.train()
@@ -46,14 +47,16 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     skipped = 0
     iters_per_epoch = len(data_loader)
 
+    # the learning rates the lr scheduler set for this epoch; a warmup scales them, whatever they are
+    scheduled_lrs = [group["lr"] for group in optimizer.param_groups]
     for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         global_iter = epoch * iters_per_epoch + i
         if global_iter < warmup_iters:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * (global_iter + 1) / warmup_iters
-        elif warmup_iters and global_iter == warmup_iters:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"]
+            for group, lr in zip(optimizer.param_groups, scheduled_lrs):
+                group["lr"] = lr * (global_iter + 1) / warmup_iters
+        elif warmup_iters:
+            for group, lr in zip(optimizer.param_groups, scheduled_lrs):
+                group["lr"] = lr
 
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
@@ -91,6 +94,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         metric_logger.update(class_error=loss_dict_reduced["class_error"])
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
 
+    # hand the scheduler back its own learning rates (StepLR computes the next ones from the current ones)
+    for group, lr in zip(optimizer.param_groups, scheduled_lrs):
+        group["lr"] = lr
     metric_logger.synchronize_between_processes()
     logger.info("Averaged stats: %s", metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}

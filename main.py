@@ -11,9 +11,11 @@ Copy-pasteable commands (run from the repository root):
     # evaluate a published checkpoint on COCO val
     python main.py --batch_size 2 --no_aux_loss --eval --coco_path /path/to/coco \
         --resume https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth
+
+    # continue a run where it stopped (its schedule is the checkpoint's unless a flag here overrides it)
+    python main.py --coco_path /path/to/coco --output_dir runs/detr_r50 --resume runs/detr_r50/checkpoint.pth
 """
 import argparse
-import copy
 import datetime
 import json
 import logging
@@ -21,6 +23,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,40 +31,26 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import datasets
 from datasets import build_dataset, get_coco_api_from_dataset
-from datasets.synthetic import SYNTHETIC_DEFAULTS
 from engine import evaluate, train_one_epoch
 from models import build_model
 from models.backbone import load_backbone_weights
+from util import args as arguments
 from util.args import get_args_parser  # noqa: F401  (main.get_args_parser, as in the original)
 from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from util.dist import get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.dist import get_rank, get_world_size, init_distributed_mode, is_main_process, local_main_first
+from util.git import get_sha
 from util.logger import setup_logging
 from util.nested_tensor import collate_fn
 
-logger = logging.getLogger("detr")
+logger = logging.getLogger(__name__)
 
-
-def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The destinations of the flags actually given on the command line."""
-    probe = copy.deepcopy(parser)
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(probe.parse_args(argv)))
+# What --resume restores beyond the weights; flags given on the command line may override it (see resume()).
+SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "clip_max_norm", "warmup_iters")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse the command line; ``--dataset_file synthetic`` fills every flag the user did not give with the
-    dataset's CPU-sized defaults (printed at start)."""
-    parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()])
-    args = parser.parse_args(argv)
-    args.defaults_applied = {}
-    if args.dataset_file == "synthetic":
-        given = explicit_flags(parser, argv)
-        for name, value in SYNTHETIC_DEFAULTS.items():
-            if name not in given:
-                setattr(args, name, value)
-                args.defaults_applied[name] = value
-    return args
+    """Parse the command line (``util.args.parse_args``: records which flags were given)."""
+    return arguments.parse_args(argv)
 
 
 def seed_everything(seed: int) -> None:
@@ -70,9 +59,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    if args.amp != "off":
+        raise SystemExit(f"--amp {args.amp}: mixed precision is not available yet; use --amp off (fp32)")
+    if args.frozen_weights is not None and not args.masks:
+        raise SystemExit("--frozen_weights is only for training the segmentation head: add --masks")
+    if args.finetune and (args.resume or args.frozen_weights):
+        raise SystemExit("--finetune starts from a checkpoint's weights only; it cannot be combined with "
+                         f"--{'resume' if args.resume else 'frozen_weights'} (use one of them)")
+
+
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     """AdamW with two groups, as the original (so its optimizer states load): everything but the backbone at
-    --lr, the backbone at --lr_backbone (the group is empty when the backbone is frozen)."""
+    --lr, the backbone at --lr_backbone (the group is empty when the backbone is frozen); --weight_decay on both."""
     rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
     backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
     param_dicts = [{"params": rest}, {"params": backbone, "lr": args.lr_backbone}]
@@ -104,7 +103,7 @@ def build_loaders(args):
 
 
 def resume(args, model_without_ddp, optimizer, lr_scheduler) -> None:
-    """--resume: model, and unless --eval, optimizer, lr scheduler and epoch; says what was restored."""
+    """--resume: model, and unless --eval, optimizer, lr scheduler, epoch and schedule; says what was restored."""
     checkpoint = load_checkpoint(args.resume)
     load_model_state(model_without_ddp, checkpoint["model"], source=args.resume)
     restored = ["model"]
@@ -113,34 +112,49 @@ def resume(args, model_without_ddp, optimizer, lr_scheduler) -> None:
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         args.start_epoch = checkpoint["epoch"] + 1
         restored += ["optimizer", "lr_scheduler", f"epoch (continuing at epoch {args.start_epoch})"]
-        override_schedule(args, checkpoint.get("args") or {}, optimizer, lr_scheduler)
+        resume_schedule(args, checkpoint.get("args") or {}, optimizer, lr_scheduler)
     not_restored = [k for k in ("optimizer", "lr_scheduler", "epoch") if not any(r.startswith(k) for r in restored)]
     logger.info("Resumed from %s: restored %s%s", args.resume, ", ".join(restored),
                 f"; not restored: {', '.join(not_restored)}" if not_restored else "")
 
 
-def override_schedule(args, ckpt_args: dict, optimizer, lr_scheduler) -> None:
-    """After a resume, --lr / --lr_backbone / --lr_drop that differ from the checkpoint's take effect
-    (the restored optimizer and scheduler would otherwise silently keep the old ones)."""
-    new_lrs = [args.lr, args.lr_backbone]
-    old_lrs = [ckpt_args.get("lr"), ckpt_args.get("lr_backbone")]
-    changed = [name for name, new, old in (("lr", args.lr, old_lrs[0]), ("lr_backbone", args.lr_backbone, old_lrs[1]),
-                                           ("lr_drop", args.lr_drop, ckpt_args.get("lr_drop")))
-               if old is not None and new != old]
-    if not changed:
-        return
-    lr_scheduler.base_lrs = list(new_lrs)
-    lr_scheduler.step_size = args.lr_drop
-    decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
-    for group, base in zip(optimizer.param_groups, new_lrs):
-        group["initial_lr"] = base
-        group["lr"] = base * decay
-    logger.info("Resume: the command line overrides %s of the checkpoint (lr now %s)", ", ".join(changed),
-                [g["lr"] for g in optimizer.param_groups])
+def resume_schedule(args, ckpt_args: dict, optimizer, lr_scheduler) -> None:
+    """A resumed run keeps its checkpoint's schedule (``SCHEDULE_FLAGS``); only flags given on the command line
+    (``args.explicit_flags``) override it. A caller of ``main.main`` that does not set ``args.explicit_flags``
+    gets no override. Both what is kept and what is overridden are logged when it differs from ``args``."""
+    given = arguments.given_flags(args) or set()
+    overridden = {}
+    for name in SCHEDULE_FLAGS:
+        if name not in ckpt_args:
+            continue
+        old, new = ckpt_args[name], getattr(args, name)
+        if name in given:
+            if new != old:
+                overridden[name] = new
+                logger.info("Resume: --%s %s from the command line overrides the checkpoint's %s", name, new, old)
+        else:
+            if new != old:
+                logger.info("Resume: keeping the checkpoint's %s %s (--%s not given)", name, old, name)
+            setattr(args, name, old)
+    if "weight_decay" in overridden:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = args.weight_decay
+    if overridden.keys() & {"lr", "lr_backbone", "lr_drop"}:
+        lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
+        lr_scheduler.step_size = args.lr_drop
+        decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
+        for group, base in zip(optimizer.param_groups, lr_scheduler.base_lrs):
+            group["initial_lr"] = base
+            group["lr"] = base * decay
+        logger.info("Resume: learning rates now %s", [g["lr"] for g in optimizer.param_groups])
 
 
 def load_initial_weights(args, model_without_ddp) -> None:
-    """--frozen_weights (box model under a mask head), --finetune (weights only) or the backbone's own weights."""
+    """--frozen_weights (box model under a mask head), --finetune (weights only) or the backbone's own weights.
+
+    Called before the DDP wrap. Backbone weights are read (or downloaded) by the main process only: DDP
+    broadcasts its parameters and buffers to the other processes when it wraps the model, as in the original.
+    """
     if args.frozen_weights:
         checkpoint = load_checkpoint(args.frozen_weights)
         load_model_state(model_without_ddp.detr, checkpoint["model"], source=args.frozen_weights)
@@ -152,14 +166,11 @@ def load_initial_weights(args, model_without_ddp) -> None:
         logger.info("Fine-tuning from the weights of %s%s", args.finetune,
                     f" (class head re-initialised: {skipped})" if skipped else "")
     elif not args.resume:
-        backbone = model_without_ddp.detr.backbone[0] if args.masks else model_without_ddp.backbone[0]
-        # the main process fills the hub cache first, the others then read it
-        if args.distributed and not is_main_process():
-            torch.distributed.barrier()
-        source = load_backbone_weights(backbone, args.backbone_weights)
-        if args.distributed and is_main_process():
-            torch.distributed.barrier()
-        logger.info("Backbone weights: %s", source or "random initialisation (--backbone_weights none)")
+        if is_main_process():
+            backbone = model_without_ddp.detr.backbone[0] if args.masks else model_without_ddp.backbone[0]
+            source = load_backbone_weights(backbone, args.backbone_weights)
+            logger.info("Backbone weights: %s%s", source or "random initialisation (--backbone_weights none)",
+                        " (broadcast to the other processes)" if args.distributed else "")
         return
     logger.info("Backbone weights: from the checkpoint (--backbone_weights %s not used)", args.backbone_weights)
 
@@ -168,6 +179,14 @@ def checkpoint_dict(model_without_ddp, optimizer, lr_scheduler, epoch: int, args
     args_dict = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
     return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args_dict}
+
+
+def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
+    """checkpoint.pth every epoch, plus checkpointNNNN.pth before the lr drop and every 100 epochs (the original's)."""
+    paths = [output_dir / "checkpoint.pth"]
+    if (epoch + 1) % lr_drop == 0 or (epoch + 1) % 100 == 0:
+        paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+    return paths
 
 
 def plain_eval(coco_eval) -> dict:
@@ -204,45 +223,53 @@ def print_start(args, model_without_ddp) -> None:
                 args.batch_size, get_world_size())
 
 
+def write_epoch_outputs(output_dir: Path, log_stats: dict, coco_evaluator, epoch: int) -> None:
+    with (output_dir / "log.txt").open("a") as f:
+        f.write(json.dumps(log_stats) + "\n")
+    if coco_evaluator is not None and "bbox" in coco_evaluator.coco_eval:
+        names = ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else [])
+        for name in names:
+            save_checkpoint(plain_eval(coco_evaluator.coco_eval["bbox"]), str(output_dir / "eval" / name))
+
+
 def main(args: argparse.Namespace) -> dict:
-    """Train (or with --eval, evaluate) and return the last evaluation stats."""
+    """Train (or with --eval, evaluate) and return the last evaluation stats.
+
+    ``args`` is a Namespace of ``get_args_parser()``; when it comes from ``util.args.parse_args`` it also records
+    which flags were given (``explicit_flags``), which decides what a dataset recipe and a resumed checkpoint
+    may set (see ``util.args.apply_dataset_recipe`` and ``resume_schedule``).
+    """
     setup_logging()
-    if not hasattr(args, "defaults_applied"):
-        args.defaults_applied = {}
-    if args.amp != "off":
-        raise SystemExit(f"--amp {args.amp}: mixed precision is not available yet; use --amp off (fp32)")
-    if args.frozen_weights is not None and not args.masks:
-        raise SystemExit("--frozen_weights is only for training the segmentation head: add --masks")
-    if args.finetune and (args.resume or args.frozen_weights):
-        raise SystemExit("--finetune starts from a checkpoint's weights only; it cannot be combined with "
-                         f"--{'resume' if args.resume else 'frozen_weights'} (use one of them)")
+    arguments.apply_dataset_recipe(args)
+    check_args(args)
     init_distributed_mode(args)
+    logger.info("git: %s", get_sha())
     logger.info("args: %s", json.dumps(vars(args), default=str))
 
     device = torch.device(args.device)
     seed_everything(args.seed + get_rank())  # a different seed per process, as the original
 
+    with local_main_first():  # e.g. the synthetic data: generated once per node while the other processes wait
+        datasets.prepare(args)
     args.num_classes_given = args.num_classes is not None
     if args.num_classes is None:
         args.num_classes = datasets.default_num_classes(args)
     model, criterion, postprocessors = build_model(args)
     model.to(device)
+    optimizer = build_optimizer(model, args)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+
+    load_initial_weights(args, model)
+    if args.resume:
+        resume(args, model, optimizer, lr_scheduler)
     model_without_ddp = model
     if args.distributed:
         device_ids = [args.gpu] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        model_without_ddp = model.module
     print_start(args, model_without_ddp)
 
-    optimizer = build_optimizer(model_without_ddp, args)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     loader_train, sampler_train, loader_val, dataset_val = build_loaders(args)
     base_ds = get_coco_api_from_dataset(dataset_val)
-
-    load_initial_weights(args, model_without_ddp)
-    if args.resume:
-        resume(args, model_without_ddp, optimizer, lr_scheduler)
-
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
@@ -250,7 +277,13 @@ def main(args: argparse.Namespace) -> dict:
         if output_dir and is_main_process() and "bbox" in coco_evaluator.coco_eval:
             save_checkpoint(plain_eval(coco_evaluator.coco_eval["bbox"]), str(output_dir / "eval.pth"))
         return test_stats
+    return train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
+                 loader_train, sampler_train, loader_val, base_ds, device, output_dir)
 
+
+def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, loader_train,
+          sampler_train, loader_val, base_ds, device, output_dir: Optional[Path]) -> dict:
+    """The epoch loop: train, step the lr, checkpoint, evaluate, log."""
     logger.info("Start training")
     start_time = time.time()
     test_stats = {}
@@ -261,12 +294,8 @@ def main(args: argparse.Namespace) -> dict:
                                       warmup_iters=args.warmup_iters)
         lr_scheduler.step()
         if output_dir and is_main_process():
-            paths = [output_dir / "checkpoint.pth"]
-            # extra checkpoint before the lr drop and every 100 epochs
-            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
-                paths.append(output_dir / f"checkpoint{epoch:04}.pth")
             state = checkpoint_dict(model_without_ddp, optimizer, lr_scheduler, epoch, args)
-            for path in paths:
+            for path in checkpoint_paths(output_dir, epoch, args.lr_drop):
                 save_checkpoint(state, str(path))
 
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
@@ -277,13 +306,7 @@ def main(args: argparse.Namespace) -> dict:
                      "n_parameters": sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad),
                      "elapsed_s": round(time.time() - start_time, 1)}
         if output_dir and is_main_process():
-            with (output_dir / "log.txt").open("a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-            if coco_evaluator is not None and "bbox" in coco_evaluator.coco_eval:
-                (output_dir / "eval").mkdir(exist_ok=True)
-                names = ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else [])
-                for name in names:
-                    save_checkpoint(plain_eval(coco_evaluator.coco_eval["bbox"]), str(output_dir / "eval" / name))
+            write_epoch_outputs(output_dir, log_stats, coco_evaluator, epoch)
         if "coco_eval_bbox" in test_stats:
             ap, ap50 = test_stats["coco_eval_bbox"][:2]
             logger.info("epoch %d: bbox AP %.3f AP50 %.3f (%.1f min)", epoch, ap, ap50,

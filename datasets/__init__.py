@@ -24,6 +24,15 @@ def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
     raise ValueError(f"dataset {args.dataset_file!r} not supported; expected {SUPPORTED}")
 
 
+def prepare(args) -> None:
+    """Make sure the dataset's files exist before any process reads them: generates the synthetic data once (main.py
+    calls this on one process per node first, see ``util.dist.local_main_first``). Nothing to do for COCO."""
+    if args.dataset_file == "synthetic":
+        from . import synthetic
+
+        synthetic.dataset_root(args)
+
+
 def _unwrap(dataset):
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset

@@ -21,6 +21,8 @@ pycocotools rasterises back to the same pixels); its box is the extent of that m
 pixel count. Layouts that would leave less than 70% of an object visible, or with a hole (a COCO polygon
 cannot describe one), are redrawn, so every annotation is honest.
 
+The training recipe for this data (`--dataset_file synthetic`) is `util.args.SYNTHETIC_RECIPE`.
+
 `build(image_set, args)` reads `args.coco_path` when set; otherwise it generates the default dataset
 once into a cache folder and reads it with the regular COCO loader (`datasets.coco.build`).
 """
@@ -41,7 +43,7 @@ from scipy import ndimage
 
 VERSION = 2
 
-logger = logging.getLogger("detr")
+logger = logging.getLogger(__name__)
 
 THING_CATEGORIES = [
     {"id": 1, "name": "ellipse", "supercategory": "shape"},
@@ -55,38 +57,6 @@ STUFF_CATEGORIES = [
 SKY, GROUND = 4, 5
 SPLIT_IDS = {"train": 0, "val": 1}
 FIRST_IMAGE_ID = {"train": 1, "val": 1_000_001}  # distinct ids across splits, as in COCO
-
-# Model/training flags that suit this dataset on a CPU; main.py applies them to flags the user did not set.
-SYNTHETIC_DEFAULTS = {
-    # a small model that fits a 2-core CPU
-    "backbone": "resnet18",
-    "backbone_weights": "none",
-    "hidden_dim": 128,
-    "enc_layers": 2,
-    "dec_layers": 2,
-    "dim_feedforward": 512,
-    "nheads": 8,
-    "num_queries": 16,
-    "dropout": 0.0,
-    # convergence aids for training from random weights in minutes (not the published DETR recipe)
-    "backbone_norm": "bn",
-    "train_backbone_stem": True,
-    "backbone_last_layer": "layer3",
-    "pos_at_input": True,
-    "spatial_prior": True,
-    "warmup_iters": 200,
-    # schedule and data
-    "batch_size": 8,
-    "lr": 4e-4,
-    "lr_backbone": 4e-4,
-    "epochs": 13,
-    "lr_drop": 10,
-    "scales": [128],
-    "max_size": 160,
-    "val_size": 128,
-    "crop_scales": [],
-    "num_workers": 0,
-}
 
 MIN_VISIBLE_FRACTION = 0.7  # of an object's full polygon area, after occlusion and border truncation
 MIN_VISIBLE_PIXELS = 16

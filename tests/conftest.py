@@ -33,3 +33,21 @@ def tiny_args(**overrides):
                 num_queries=5, num_classes=4, dropout=0.0)
     base.update(overrides)
     return make_args(**base)
+
+
+_ALLOWED_HOSTS = {"127.0.0.1", "::1", "localhost"}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test fails on a socket connection to anything but this machine (loopback and unix sockets)."""
+    import socket
+
+    real_connect = socket.socket.connect
+
+    def guarded_connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _ALLOWED_HOSTS:
+            raise RuntimeError(f"a test tried to reach {address}: tests must not use the network")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)

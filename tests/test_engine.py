@@ -1,19 +1,27 @@
-"""End-to-end: tiny trainings through main.main on a small generated synthetic set."""
+"""End-to-end: tiny trainings through main.main on a small generated synthetic set, and the training loop's parts
+(optimizer, clipping, warmup, lr drop, checkpoints, resume).
+
+Module-scoped fixtures are read-only: a test that continues a run copies its checkpoint first.
+"""
 import json
 import logging
 import math
+import shutil
 
 import pytest
 import torch
 
 import main as detr_main
-from datasets.synthetic import SYNTHETIC_DEFAULTS, generate
+from datasets.synthetic import generate
 from engine import NonFiniteLossError, train_one_epoch
+from util import args as arguments
 from util.nested_tensor import nested_tensor_from_tensor_list
 
+from conftest import tiny_args
+
 TINY = ["--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64",
-        "--num_queries", "6", "--batch_size", "4", "--num_workers", "0", "--warmup_iters", "0", "--epochs", "1",
-        "--lr_drop", "5"]
+        "--num_queries", "6", "--batch_size", "4", "--num_workers", "0", "--warmup_iters", "0",
+        "--backbone_last_layer", "layer4", "--epochs", "1", "--lr_drop", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +35,15 @@ def run(argv):
     return detr_main.main(detr_main.parse_args(argv))
 
 
+def with_flag(argv: list[str], flag: str, value=None) -> list[str]:
+    """argv with --flag set to value (replaced when present, appended otherwise); value None removes the flag."""
+    out = list(argv)
+    if flag in out:
+        i = out.index(flag)
+        del out[i:i + 2]
+    return out + ([flag, str(value)] if value is not None else [])
+
+
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -35,7 +52,14 @@ def trained(data_dir, tmp_path_factory):
     return out, argv, stats
 
 
-def test_one_epoch_writes_checkpoint_log_and_eval(trained):
+def continued(trained, tmp_path):
+    """A copy of the trained run's output folder, and its argv writing there."""
+    out, argv, _ = trained
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    return tmp_path, with_flag(argv, "--output_dir", tmp_path)
+
+
+def test_one_epoch_writes_checkpoint_log_and_eval(trained, caplog):
     out, _, stats = trained
     assert (out / "checkpoint.pth").is_file()
     assert (out / "eval" / "latest.pth").is_file()
@@ -51,14 +75,21 @@ def test_one_epoch_writes_checkpoint_log_and_eval(trained):
     assert ckpt["epoch"] == 0 and ckpt["args"]["hidden_dim"] == 32
     ev = torch.load(out / "eval" / "latest.pth", weights_only=True)
     assert ev["precision"].ndim == 5
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not [p.name for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_resume_continues_at_the_next_epoch_with_the_optimizer(trained, caplog):
-    out, argv, _ = trained
+def test_start_prints_the_git_revision_and_the_recipe(data_dir, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        run(["--dataset_file", "synthetic", "--coco_path", str(data_dir), "--eval"] + TINY)
+    assert "git: sha: " in caplog.text
+    assert "Dataset defaults for synthetic (flags you did not set): --backbone resnet18" in caplog.text
+
+
+def test_resume_continues_at_the_next_epoch_with_the_optimizer(trained, tmp_path, caplog):
+    out, argv = continued(trained, tmp_path)
     before = torch.load(out / "checkpoint.pth", weights_only=True)
-    with caplog.at_level(logging.INFO, logger="detr"):
-        run(argv[:-4] + ["--epochs", "2", "--lr_drop", "5", "--resume", str(out / "checkpoint.pth")])
+    with caplog.at_level(logging.INFO):
+        run(with_flag(argv, "--epochs", 2) + ["--resume", str(out / "checkpoint.pth")])
     assert "restored model, optimizer, lr_scheduler, epoch (continuing at epoch 1)" in caplog.text
     assert "Epoch: [1]" in caplog.text and "Epoch: [0]" not in caplog.text
     logs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
@@ -70,45 +101,127 @@ def test_resume_continues_at_the_next_epoch_with_the_optimizer(trained, caplog):
     assert after["optimizer"]["state"][0]["step"] == 2 * step_before
 
 
-def test_resume_can_override_the_lr_and_conflicting_starts_are_refused(trained, tmp_path, caplog):
-    out, argv, _ = trained
-    rerun = [a for a in argv]
-    rerun[rerun.index("--output_dir") + 1] = str(tmp_path)
-    rerun[rerun.index("--epochs") + 1] = "3"  # the checkpoint may be at epoch 1 already
-    with caplog.at_level(logging.INFO, logger="detr"):
-        run(rerun + ["--lr", "2e-4", "--resume", str(out / "checkpoint.pth")])
-    assert "the command line overrides lr of the checkpoint" in caplog.text
-    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
+@pytest.fixture(scope="module")
+def dropped(data_dir, tmp_path_factory):
+    """One epoch with --lr_drop 1 --lr_backbone 2e-4: the checkpoint's scheduler has already divided the lrs by 10."""
+    out = tmp_path_factory.mktemp("dropped")
+    argv = with_flag(["--dataset_file", "synthetic", "--coco_path", str(data_dir), "--output_dir", str(out)] + TINY,
+                     "--lr_drop", 1) + ["--lr", "4e-4", "--lr_backbone", "2e-4"]
+    run(argv)
+    return out, argv
+
+
+def _lrs(path):
+    return [g["lr"] for g in torch.load(path, weights_only=True)["optimizer"]["param_groups"]]
+
+
+def test_resume_keeps_the_checkpoint_schedule_unless_the_command_line_overrides_it(dropped, tmp_path, caplog):
+    out, argv = dropped
+    assert _lrs(out / "checkpoint.pth") == pytest.approx([4e-5, 2e-5])
+    shutil.copy(out / "checkpoint.pth", tmp_path / "start.pth")
+    # resumed without repeating --lr_drop 1, --lr or --lr_backbone: the checkpoint's schedule goes on
+    plain = [a for a in with_flag(with_flag(with_flag(argv, "--lr_drop"), "--lr"), "--lr_backbone")]
+    plain = with_flag(with_flag(plain, "--output_dir", tmp_path / "kept"), "--epochs", 2)
+    with caplog.at_level(logging.INFO):
+        run(plain + ["--resume", str(tmp_path / "start.pth")])
+    assert "keeping the checkpoint's lr_drop 1 (--lr_drop not given)" in caplog.text
+    logs = [json.loads(line) for line in (tmp_path / "kept" / "log.txt").read_text().splitlines()]
+    assert logs[-1]["epoch"] == 1 and logs[-1]["train_lr"] == pytest.approx(4e-5)
+    kept = torch.load(tmp_path / "kept" / "checkpoint.pth", weights_only=True)
+    assert kept["args"]["lr_drop"] == 1 and kept["lr_scheduler"]["step_size"] == 1
+    assert _lrs(tmp_path / "kept" / "checkpoint.pth") == pytest.approx([4e-6, 2e-6])
+    assert (tmp_path / "kept" / "checkpoint0001.pth").is_file()  # named after the checkpoint's lr_drop
+
+    # flags given on the command line override it, and the log says which
+    caplog.clear()
+    override = with_flag(with_flag(plain, "--output_dir", tmp_path / "override"), "--lr_drop", 5) + ["--lr", "1e-4"]
+    with caplog.at_level(logging.INFO):
+        run(override + ["--resume", str(tmp_path / "start.pth")])
+    assert "--lr 0.0001 from the command line overrides the checkpoint's 0.0004" in caplog.text
+    assert "--lr_drop 5 from the command line overrides the checkpoint's 1" in caplog.text
+    assert "keeping the checkpoint's lr_backbone 0.0002" in caplog.text
+    logs = [json.loads(line) for line in (tmp_path / "override" / "log.txt").read_text().splitlines()]
+    assert logs[-1]["train_lr"] == pytest.approx(1e-4)  # no drop before epoch 5
+    assert _lrs(tmp_path / "override" / "checkpoint.pth") == pytest.approx([1e-4, 2e-4])
+
+
+def _caller_namespace(argv):
+    """A complete Namespace, as a script calling main.main builds it: no record of which flags a user typed."""
+    args = detr_main.parse_args(argv)
+    arguments.apply_dataset_recipe(args)
+    del args.explicit_flags
+    return args
+
+
+def test_a_caller_says_which_flags_it_set_or_gets_no_override(dropped, tmp_path, caplog):
+    out, argv = dropped
+    shutil.copy(out / "checkpoint.pth", tmp_path / "start.pth")
+    # the way the original's submitit script calls main: a Namespace, no record of what the user typed
+    argv = with_flag(with_flag(argv, "--output_dir", tmp_path / "prog"), "--lr_drop", 7)
+    argv += ["--epochs", "2", "--resume", str(tmp_path / "start.pth")]
+    args = _caller_namespace(argv)
+    with caplog.at_level(logging.INFO):
+        detr_main.main(args)
+    assert "overrides" not in caplog.text
+    assert "keeping the checkpoint's epochs 1 (--epochs not given)" in caplog.text
+    assert not (tmp_path / "prog" / "checkpoint.pth").exists()  # the checkpoint's run was complete
+
+    caplog.clear()
+    args = _caller_namespace(argv)
+    args.explicit_flags = ["epochs"]
+    with caplog.at_level(logging.INFO):
+        detr_main.main(args)
+    assert "--epochs 2 from the command line overrides the checkpoint's 1" in caplog.text
+    ckpt = torch.load(tmp_path / "prog" / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert ckpt["lr_scheduler"]["step_size"] == 1 and ckpt["args"]["lr_drop"] == 1
+
+
+def test_conflicting_starts_are_refused(trained, tmp_path):
+    out, argv = continued(trained, tmp_path)
     with pytest.raises(SystemExit, match="--finetune .* cannot be combined with --resume"):
-        run(rerun + ["--finetune", str(out / "checkpoint.pth"), "--resume", str(out / "checkpoint.pth")])
+        run(argv + ["--finetune", str(out / "checkpoint.pth"), "--resume", str(out / "checkpoint.pth")])
 
 
 def test_eval_resume_reproduces_the_logged_ap(trained, tmp_path):
     out, argv, _ = trained
     logs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    eval_argv = [a for a in argv] + ["--eval", "--resume", str(out / "checkpoint.pth")]
-    eval_argv[eval_argv.index("--output_dir") + 1] = str(tmp_path)
-    stats = run(eval_argv)
+    stats = run(with_flag(argv, "--output_dir", tmp_path) + ["--eval", "--resume", str(out / "checkpoint.pth")])
     assert stats["coco_eval_bbox"] == pytest.approx(logs[-1]["test_coco_eval_bbox"], abs=1e-6)
     assert (tmp_path / "eval.pth").is_file()
 
 
 def test_finetune_from_another_number_of_classes(trained, tmp_path, caplog):
     out, argv, _ = trained
-    ft = [a for a in argv]
-    ft[ft.index("--output_dir") + 1] = str(tmp_path)
     with caplog.at_level(logging.INFO):
-        run(ft + ["--num_classes", "9", "--finetune", str(out / "checkpoint.pth")])
+        run(with_flag(argv, "--output_dir", tmp_path) + ["--num_classes", "9", "--finetune",
+                                                         str(out / "checkpoint.pth")])
     assert "class head re-initialised" in caplog.text
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["model"]["class_embed.weight"].shape[0] == 10 and ckpt["epoch"] == 0
 
 
+def test_frozen_box_model_under_a_mask_head_and_segm_evaluation(data_dir, tmp_path):
+    # the mask head's group norms need hidden_dim >= 128 and nheads 8, as in the original
+    argv = ["--dataset_file", "synthetic", "--coco_path", str(data_dir), "--output_dir", str(tmp_path / "box")]
+    argv = with_flag(with_flag(argv + TINY, "--hidden_dim", 128), "--nheads", 8)
+    run(argv)
+    box = torch.load(tmp_path / "box" / "checkpoint.pth", weights_only=True)["model"]
+    stats = run(with_flag(argv, "--output_dir", tmp_path / "segm")
+                + ["--masks", "--frozen_weights", str(tmp_path / "box" / "checkpoint.pth")])
+    assert len(stats["coco_eval_masks"]) == 12 and len(stats["coco_eval_bbox"]) == 12
+    segm = torch.load(tmp_path / "segm" / "checkpoint.pth", weights_only=True)["model"]
+    # stage one stayed frozen: every detr.* tensor is the box model's
+    for k, v in box.items():
+        assert torch.equal(segm[f"detr.{k}"], v), k
+    assert any(k.startswith("mask_head.") for k in segm)
+    log = json.loads((tmp_path / "segm" / "log.txt").read_text().splitlines()[-1])
+    assert len(log["test_coco_eval_masks"]) == 12
+
+
 def test_dataset_smaller_than_a_batch(data_dir, tmp_path):
     argv = ["--dataset_file", "synthetic", "--coco_path", str(data_dir), "--output_dir", str(tmp_path)] + TINY
-    argv[argv.index("--batch_size") + 1] = "16"
-    stats = run(argv)
+    stats = run(with_flag(argv, "--batch_size", 16))
     assert len(stats["coco_eval_bbox"]) == 12
 
 
@@ -117,39 +230,137 @@ def test_amp_is_refused_until_implemented(data_dir):
         run(["--dataset_file", "synthetic", "--coco_path", str(data_dir), "--amp", "bf16"] + TINY)
 
 
-def test_synthetic_defaults_fill_only_flags_not_given():
+def test_synthetic_recipe_fills_only_flags_not_given():
     args = detr_main.parse_args(["--dataset_file", "synthetic", "--hidden_dim", "64"])
-    assert args.hidden_dim == 64 and "hidden_dim" not in args.defaults_applied
-    assert args.backbone == SYNTHETIC_DEFAULTS["backbone"] and args.defaults_applied["backbone"]
+    applied = arguments.apply_dataset_recipe(args)
+    assert args.hidden_dim == 64 and "hidden_dim" not in applied
+    assert args.backbone == arguments.SYNTHETIC_RECIPE["backbone"] and applied["backbone"] == "resnet18"
     args = detr_main.parse_args([])
-    assert args.backbone == "resnet50" and args.defaults_applied == {}
+    assert arguments.apply_dataset_recipe(args) == {} and args.backbone == "resnet50"
+
+
+def test_synthetic_recipe_applies_to_a_namespace_built_without_parse_args():
+    # main.main(get_args_parser().parse_args([...])) is how the original's submitit script calls main
+    args = detr_main.get_args_parser().parse_args(["--dataset_file", "synthetic", "--hidden_dim", "64",
+                                                   "--lr", "1e-4"])
+    applied = arguments.apply_dataset_recipe(args)
+    assert args.backbone == "resnet18" and args.backbone_weights == "none" and args.epochs == 13
+    assert args.hidden_dim == 64 and "hidden_dim" not in applied
+    # a value equal to the parser's default is indistinguishable from an absent flag: the recipe's wins
+    assert args.lr == arguments.SYNTHETIC_RECIPE["lr"]
+    assert arguments.apply_dataset_recipe(args) is applied  # idempotent
+
+
+def test_build_optimizer_two_groups():
+    args = tiny_args(lr=3e-4, lr_backbone=2e-5, weight_decay=0.05)
+    model, _, _ = detr_main.build_model(args)
+    optimizer = detr_main.build_optimizer(model, args)
+    rest, backbone = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert rest["lr"] == 3e-4 and backbone["lr"] == 2e-5
+    assert rest["weight_decay"] == backbone["weight_decay"] == 0.05
+    assert all("backbone" not in names[id(p)] for p in rest["params"])
+    assert {names[id(p)] for p in backbone["params"]} == {
+        n for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad}
+    assert len(rest["params"]) + len(backbone["params"]) == sum(p.requires_grad for p in model.parameters())
+    # a frozen backbone: the group exists (optimizer states of the original load) and is empty
+    args = tiny_args(lr_backbone=0.0)
+    model, _, _ = detr_main.build_model(args)
+    assert detr_main.build_optimizer(model, args).param_groups[1]["params"] == []
+
+
+def test_checkpoint_names_before_the_lr_drop_and_every_100_epochs(tmp_path):
+    names = {e: [p.name for p in detr_main.checkpoint_paths(tmp_path, e, lr_drop=4)] for e in (0, 3, 7, 99, 150)}
+    assert names == {0: ["checkpoint.pth"], 3: ["checkpoint.pth", "checkpoint0003.pth"],
+                     7: ["checkpoint.pth", "checkpoint0007.pth"], 99: ["checkpoint.pth", "checkpoint0099.pth"],
+                     150: ["checkpoint.pth"]}
+
+
+class _Quadratic(torch.nn.Module):
+    """loss = 0.5 * scale * |w|^2: its gradient is scale * w."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((4,), 1.0))
+
+    def forward(self, samples):
+        return {"w": self.w}
+
+
+class _QuadraticCriterion(torch.nn.Module):
+    weight_dict = {"loss_ce": 1.0}
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, outputs, targets):
+        return {"loss_ce": 0.5 * self.scale * (outputs["w"] ** 2).sum(), "class_error": torch.tensor(0.0)}
+
+
+def _batches(n):
+    return [(nested_tensor_from_tensor_list([torch.rand(3, 4, 4)]), ({"image_id": torch.tensor(i)},))
+            for i in range(n)]
+
+
+def test_gradient_clipping_clips():
+    model = _Quadratic()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    # gradient 1000 * w (norm 2000); clipped to norm 0.1, one SGD step of lr 1 moves w by exactly 0.1
+    train_one_epoch(model, _QuadraticCriterion(1000.0), _batches(1), optimizer, torch.device("cpu"), 0, max_norm=0.1)
+    assert torch.linalg.vector_norm(model.w.detach() - 1.0).item() == pytest.approx(0.1, rel=1e-5)
+    model = _Quadratic()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_one_epoch(model, _QuadraticCriterion(1000.0), _batches(1), optimizer, torch.device("cpu"), 0, max_norm=0)
+    assert torch.linalg.vector_norm(model.w.detach() - 1.0).item() == pytest.approx(2000.0, rel=1e-5)
+
+
+def test_warmup_scales_what_the_scheduler_set_even_after_a_drop():
+    model = _Quadratic()
+    optimizer = torch.optim.SGD([{"params": [model.w]}], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    scheduler.step()  # the drop already happened: lr 0.01, initial_lr still 0.1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    used = []
+    step = optimizer.step
+
+    def recording_step(*a, **k):
+        used.append(optimizer.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    optimizer.step = recording_step
+    stats = train_one_epoch(model, _QuadraticCriterion(), _batches(6), optimizer, torch.device("cpu"), 0,
+                            warmup_iters=4)
+    assert used == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # the scheduler's own value is back
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # step_size 1: no second drop before epoch 2
+    assert stats["lr"] == pytest.approx(0.01)
+
+
+def test_warmup_without_a_scheduler():
+    model = _Quadratic()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)  # no "initial_lr": no scheduler ever touched it
+    train_one_epoch(model, _QuadraticCriterion(), _batches(3), optimizer, torch.device("cpu"), 1, warmup_iters=4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
 
 
 class _NanCriterion(torch.nn.Module):
     weight_dict = {"loss_ce": 1.0}
 
     def forward(self, outputs, targets):
-        return {"loss_ce": outputs["x"].sum() * float("nan"), "class_error": torch.tensor(0.0)}
-
-
-class _Model(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(1))
-
-    def forward(self, samples):
-        return {"x": self.w * samples.tensors.mean()}
+        return {"loss_ce": outputs["w"].sum() * float("nan"), "class_error": torch.tensor(0.0)}
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(caplog):
     batch = (nested_tensor_from_tensor_list([torch.rand(3, 8, 8)]), ({"image_id": torch.tensor(42)},))
-    model = _Model()
+    model = _Quadratic()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    with caplog.at_level(logging.WARNING, logger="detr"):
+    with caplog.at_level(logging.WARNING):
         stats = train_one_epoch(model, _NanCriterion(), [batch] * 3, optimizer, torch.device("cpu"), 0)
     assert stats["skipped_steps"] == 3
     assert "Loss is nan at epoch 0 iteration 0, step skipped. Image ids: [42]" in caplog.text
-    assert torch.equal(model.w.detach(), torch.ones(1))
+    assert torch.equal(model.w.detach(), torch.ones(4))
     with pytest.raises(NonFiniteLossError, match="5 consecutive non-finite losses"):
         train_one_epoch(model, _NanCriterion(), [batch] * 6, optimizer, torch.device("cpu"), 0)
 

@@ -339,7 +339,7 @@ def test_benchmark_reports_every_backend():
     backends = result["backends"]
     assert list(backends)[0] == "pycocotools" and backends["pycocotools"]["speedup"] == 1.0
     for row in backends.values():
-        assert row["identical_stats"] and row["identical_precision"] and row["seconds"] > 0
+        assert row["identical_stats"] and row["identical_precision"] and row["seconds"] > 0 and row["cpu_seconds"] > 0
     assert result["num_detections"] == sum(20 + (4 if i % 11 == 3 else 0) for i in range(20) if i % 13 != 7)
 
 

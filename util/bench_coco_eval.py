@@ -121,9 +121,11 @@ def benchmark_backends(num_images: int = 5000, dets_per_image: int = 100, *, iou
 
     The timed part is what an evaluation costs after the predictions are collected (ground-truth copy or index,
     loading the results, evaluate, accumulate, summary); converting the predictions to COCO results is the same
-    code for every backend and is timed apart ('prepare_s'). Returns {'num_images', 'dets_per_image', 'iou_type',
-    'num_detections', 'cpu_count', 'backends': {name: {'seconds', 'speedup' (pycocotools' seconds / these),
-    'stats' (12 numbers), 'identical_stats', 'identical_precision' (vs pycocotools; None without it)}}}.
+    code for every backend and is timed apart ('prepare_s'). CPU time (all threads of the process) is reported
+    beside wall time: on a shared machine it is the steadier of the two. Returns {'num_images', 'dets_per_image',
+    'iou_type', 'num_detections', 'cpu_count', 'load_average', 'backends': {name: {'seconds', 'speedup'
+    (pycocotools' seconds / these), 'cpu_seconds', 'cpu_speedup', 'prepare_s', 'stats' (12 numbers),
+    'identical_stats', 'identical_precision' (vs pycocotools; None without it)}}}.
     """
     if backends is None:
         backends = [b for b in BACKENDS if b != "hotcoco" or hotcoco_available()]
@@ -134,35 +136,41 @@ def benchmark_backends(num_images: int = 5000, dets_per_image: int = 100, *, iou
         evaluator = CocoEvaluator(coco_gt, [iou_type], backend=name)
         start = time.perf_counter()
         evaluator.update(predictions)
-        prepared = time.perf_counter()
+        prepared, cpu = time.perf_counter(), time.process_time()
         with contextlib.redirect_stdout(io.StringIO()):
             evaluator.accumulate()
             evaluator.summarize()
-        seconds = time.perf_counter() - prepared
+        seconds, cpu_seconds = time.perf_counter() - prepared, time.process_time() - cpu
         coco_eval = evaluator.coco_eval[iou_type]
-        rows[name] = {"seconds": seconds, "prepare_s": prepared - start, "stats": coco_eval.stats.tolist()}
+        rows[name] = {"seconds": seconds, "cpu_seconds": cpu_seconds, "prepare_s": prepared - start,
+                      "stats": coco_eval.stats.tolist()}
         precisions[name] = coco_eval.eval["precision"]
         logger.info("%s: %.3f s", name, seconds)
     reference = rows.get("pycocotools")
     for name, row in rows.items():
         row["speedup"] = reference["seconds"] / row["seconds"] if reference else None
+        row["cpu_speedup"] = reference["cpu_seconds"] / row["cpu_seconds"] if reference else None
         row["identical_stats"] = row["stats"] == reference["stats"] if reference else None
         row["identical_precision"] = (bool(np.array_equal(precisions[name], precisions["pycocotools"]))
                                       if reference else None)
     num_detections = sum(len(p["scores"]) for p in predictions.values())
     return {"num_images": num_images, "dets_per_image": dets_per_image, "iou_type": iou_type,
-            "num_detections": num_detections, "cpu_count": os.cpu_count(), "backends": rows}
+            "num_detections": num_detections, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
+            "backends": rows}
 
 
 def format_table(result: dict) -> str:
     lines = [f"COCO evaluation ({result['iou_type']}), {result['num_images']} images x {result['dets_per_image']} "
-             f"detections ({result['num_detections']} in all), {result['cpu_count']} CPUs",
-             f"{'backend':<12} {'seconds':>9} {'speedup':>8}  {'same 12 stats':<13} {'same precision':<14} AP / AP50",
-             ]
+             f"detections ({result['num_detections']} in all), {result['cpu_count']} CPUs, "
+             f"load average {result['load_average']:.1f}",
+             f"{'backend':<12} {'wall s':>8} {'speedup':>8} {'CPU s':>8} {'speedup':>8}  {'same 12 stats':<13} "
+             f"{'same precision':<14} AP / AP50"]
     for name, row in result["backends"].items():
         speedup = f"{row['speedup']:.1f}x" if row["speedup"] is not None else "-"
-        lines.append(f"{name:<12} {row['seconds']:>9.3f} {speedup:>8}  {str(row['identical_stats']):<13} "
-                     f"{str(row['identical_precision']):<14} {row['stats'][0]:.4f} / {row['stats'][1]:.4f}")
+        cpu_speedup = f"{row['cpu_speedup']:.1f}x" if row["cpu_speedup"] is not None else "-"
+        lines.append(f"{name:<12} {row['seconds']:>8.3f} {speedup:>8} {row['cpu_seconds']:>8.3f} {cpu_speedup:>8}  "
+                     f"{str(row['identical_stats']):<13} {str(row['identical_precision']):<14} "
+                     f"{row['stats'][0]:.4f} / {row['stats'][1]:.4f}")
     return "\n".join(lines)
 
 

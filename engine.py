@@ -106,11 +106,12 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: dict, data_loader: Iterable,
-             base_ds, device: torch.device, output_dir: str, print_freq: int = 10
+             base_ds, device: torch.device, output_dir: str, print_freq: int = 10, coco_eval_backend: str = "auto"
              ) -> tuple[dict, Optional[CocoEvaluator]]:
     """Losses on the split plus COCO metrics for every post-processor ('bbox', 'segm').
 
-    Returns (stats, coco_evaluator); stats['coco_eval_bbox'] holds the 12 pycocotools numbers.
+    Returns (stats, coco_evaluator); stats['coco_eval_bbox'] holds the 12 pycocotools numbers (computed by
+    `coco_eval_backend`: 'auto', 'pycocotools' or 'hotcoco', see datasets.coco_eval).
     """
     model.eval()
     criterion.eval()
@@ -119,7 +120,7 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     header = "Test:"
 
     iou_types = tuple(k for k in ("segm", "bbox") if k in postprocessors)
-    coco_evaluator = CocoEvaluator(base_ds, iou_types)
+    coco_evaluator = CocoEvaluator(base_ds, iou_types, backend=coco_eval_backend)
 
     for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
         samples = samples.to(device)

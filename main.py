@@ -273,7 +273,7 @@ def main(args: argparse.Namespace) -> dict:
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                              args.output_dir)
+                                              args.output_dir, coco_eval_backend=args.coco_eval_backend)
         if output_dir and is_main_process() and "bbox" in coco_evaluator.coco_eval:
             save_checkpoint(plain_eval(coco_evaluator.coco_eval["bbox"]), str(output_dir / "eval.pth"))
         return test_stats
@@ -299,7 +299,7 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
                 save_checkpoint(state, str(path))
 
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                              args.output_dir)
+                                              args.output_dir, coco_eval_backend=args.coco_eval_backend)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
                      "epoch": epoch,

@@ -111,6 +111,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "size is re-initialised with a warning; optimizer and epoch start fresh")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--eval", action="store_true", help="only evaluate")
+    parser.add_argument("--coco_eval_backend", default="auto", choices=("auto", "pycocotools", "hotcoco"),
+                        help="COCO evaluator: hotcoco (fast, the same numbers as pycocotools), pycocotools (the "
+                             "reference) or auto (hotcoco when installed, else pycocotools)")
     parser.add_argument("--num_workers", default=2, type=int, help="data loading workers")
     parser.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
                         help="mixed precision: off (fp32, as the original), bf16 or fp16")

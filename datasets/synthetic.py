@@ -22,7 +22,8 @@ pixel count. Layouts that would leave less than 70% of an object visible, or wit
 cannot describe one), are redrawn, so every annotation is honest.
 
 `build(image_set, args)` reads `args.coco_path` when set; otherwise it generates the default dataset
-once into a cache folder and reads it with the regular COCO loader (`datasets.coco.build`).
+once into a cache folder and reads it with the regular COCO loader (`datasets.coco.build`);
+`build_panoptic` reads the same folder with the COCO panoptic loader (`datasets.coco_panoptic.build`).
 """
 import argparse
 import json
@@ -434,6 +435,17 @@ def build(image_set: str, args):
     from . import coco
 
     return coco.build(image_set, Namespace(**dict(vars(args), coco_path=str(dataset_root(args)))))
+
+
+def build_panoptic(image_set: str, args):
+    """The synthetic data read through the regular COCO panoptic loader (`datasets.coco_panoptic.build`), with
+    the images, the panoptic PNGs + JSON and the detection annotations all in one folder."""
+    from argparse import Namespace
+
+    from . import coco_panoptic
+
+    root = str(dataset_root(args))
+    return coco_panoptic.build(image_set, Namespace(**dict(vars(args), coco_path=root, coco_panoptic_path=root)))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

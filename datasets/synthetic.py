@@ -22,8 +22,7 @@ pixel count. Layouts that would leave less than 70% of an object visible, or wit
 cannot describe one), are redrawn, so every annotation is honest.
 
 `build(image_set, args)` reads `args.coco_path` when set; otherwise it generates the default dataset
-once into a cache folder and reads it with the regular COCO loader (`datasets.coco.build`);
-`build_panoptic` reads the same folder with the COCO panoptic loader (`datasets.coco_panoptic.build`).
+once into a cache folder and reads it with the regular COCO loader (`datasets.coco.build`).
 """
 import argparse
 import json

@@ -1,7 +1,6 @@
 """Mask head for instance / panoptic segmentation, trained on top of a (usually frozen) box DETR."""
 import io
 from collections import defaultdict
-from typing import Optional
 
 import numpy as np
 import torch
@@ -161,7 +160,7 @@ class PostProcessSegm(nn.Module):
     the image's result fields ('scores', 'labels', 'boxes' and 'masks').
     """
 
-    def __init__(self, threshold: float = 0.5, chunk_size: int = 10, score_threshold: Optional[float] = None):
+    def __init__(self, threshold: float = 0.5, chunk_size: int = 10, score_threshold: float | None = None):
         super().__init__()
         if chunk_size < 1:
             raise ValueError(f"PostProcessSegm: chunk_size must be at least 1, got {chunk_size}")

@@ -71,24 +71,32 @@ def check_panoptic_annotations(data: Any, ann_file: Path, num_classes: Optional[
                                f"and 'segments_info'")
         seen = set()
         for segment in ann["segments_info"]:
-            where = f"{ann_file}: image_id {image_id} ({ann['file_name']}), segment id {segment.get('id')}"
-            if segment.get("id") in seen:
-                raise DatasetError(f"{where} appears twice in segments_info")
-            seen.add(segment.get("id"))
-            if segment.get("id") in (None, 0):
-                raise DatasetError(f"{where}: a segment needs a non-zero 'id' (0 marks unlabelled pixels)")
-            if segment.get("category_id") not in categories:
-                raise DatasetError(f"{where} has category_id {segment.get('category_id')}, which is not in "
-                                   f"'categories' (ids {sorted(categories)})")
-            bbox = segment.get("bbox")
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise DatasetError(f"{where}: expected 'bbox' [x, y, width, height], found {bbox!r}")
-            for field in ("area", "iscrowd"):
-                if field not in segment:
-                    raise DatasetError(f"{where} has no {field!r}")
+            problem = _segment_problem(segment, seen, categories)
+            if problem:
+                raise DatasetError(f"{ann_file}: image_id {image_id} ({ann['file_name']}), segment id "
+                                   f"{segment.get('id')} {problem}")
+            seen.add(segment["id"])
     missing = image_ids - annotated
     if missing:
         raise DatasetError(f"{ann_file}: {len(missing)} image(s) have no annotation, e.g. image_id {min(missing)}")
+
+
+def _segment_problem(segment: dict, seen: set, categories: dict) -> str:
+    """What is wrong with one entry of segments_info ('' if nothing)."""
+    if segment.get("id") in (None, 0):
+        return "is not a valid id: a segment needs a non-zero 'id' (0 marks unlabelled pixels)"
+    if segment["id"] in seen:
+        return "appears twice in segments_info"
+    if segment.get("category_id") not in categories:
+        return (f"has category_id {segment.get('category_id')}, which is not in 'categories' "
+                f"(ids {sorted(categories)})")
+    bbox = segment.get("bbox")
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return f"needs a 'bbox' [x, y, width, height], found {bbox!r}"
+    for field in ("area", "iscrowd"):
+        if field not in segment:
+            return f"has no {field!r}"
+    return ""
 
 
 class CocoPanoptic(torch.utils.data.Dataset):
@@ -212,7 +220,8 @@ def build(image_set: str, args) -> CocoPanoptic:
     for flag, holds in (("coco_path", "train2017/, val2017/ and annotations/instances_*.json"),
                         ("coco_panoptic_path", "annotations/panoptic_*.json and the panoptic_*2017/ PNG folders")):
         if not getattr(args, flag, None):
-            raise ValueError(f"--dataset_file {args.dataset_file} needs --{flag}, the folder holding {holds}")
+            raise ValueError(f"--dataset_file {getattr(args, 'dataset_file', 'coco_panoptic')} needs --{flag}, "
+                             f"the folder holding {holds}")
     coco_root, panoptic_root = Path(args.coco_path), Path(args.coco_panoptic_path)
     for root, flag in ((coco_root, "coco_path"), (panoptic_root, "coco_panoptic_path")):
         if not root.is_dir():

@@ -1,5 +1,7 @@
 """Datasets: `build_dataset(image_set, args)` and what the rest of the code asks of a dataset
 (its pycocotools index, its number of classes, its category names)."""
+from pathlib import Path
+
 import torch.utils.data
 from pycocotools.coco import COCO
 
@@ -8,7 +10,7 @@ from . import coco
 # the original's class counts: max category id + 1 (COCO ids run to 90, panoptic ids to 200 and the
 # original kept 250 for the panoptic head)
 NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
-SUPPORTED = "coco, coco_panoptic or synthetic"
+SUPPORTED = "coco, coco_panoptic, synthetic or synthetic_panoptic"
 
 
 def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
@@ -19,8 +21,13 @@ def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
 
         return synthetic.build(image_set, args)
     if args.dataset_file == "coco_panoptic":
-        raise NotImplementedError("--dataset_file coco_panoptic is not available yet: "
-                                  "it comes with the panoptic issue")
+        from . import coco_panoptic
+
+        return coco_panoptic.build(image_set, args)
+    if args.dataset_file == "synthetic_panoptic":
+        from . import synthetic
+
+        return synthetic.build_panoptic(image_set, args)
     raise ValueError(f"dataset {args.dataset_file!r} not supported; expected {SUPPORTED}")
 
 
@@ -40,8 +47,13 @@ def _unwrap(dataset):
 
 
 def get_coco_api_from_dataset(dataset) -> COCO:
-    """The pycocotools COCO index behind `dataset` (through any torch Subset)."""
+    """The pycocotools COCO index behind `dataset` (through any torch Subset).
+
+    For a panoptic dataset it is the index of the detection annotations of the same images, against which
+    box / mask AP are computed, as in the original."""
     dataset = _unwrap(dataset)
+    if hasattr(dataset, "detection_api"):
+        return dataset.detection_api()
     if not hasattr(dataset, "coco"):
         raise TypeError(f"{type(dataset).__name__} has no COCO index (.coco)")
     return dataset.coco
@@ -51,10 +63,11 @@ def default_num_classes(args) -> int:
     """Number of classes of the classification head (max category id + 1) when --num_classes is not given."""
     if args.dataset_file in NUM_CLASSES:
         return NUM_CLASSES[args.dataset_file]
-    if args.dataset_file == "synthetic":
+    if args.dataset_file in ("synthetic", "synthetic_panoptic"):
         from . import synthetic
 
-        ann_file = synthetic.dataset_root(args) / "annotations" / "instances_train2017.json"
+        kind = "panoptic" if args.dataset_file == "synthetic_panoptic" else "instances"
+        ann_file = synthetic.dataset_root(args) / "annotations" / f"{kind}_train2017.json"
         if not ann_file.is_file():
             raise FileNotFoundError(f"annotation file {ann_file} not found")
         categories = coco.load_json(ann_file).get("categories") or []
@@ -66,5 +79,26 @@ def default_num_classes(args) -> int:
 
 def get_category_names(dataset) -> dict[int, str]:
     """{category_id: name} of a dataset built by `build_dataset` (e.g. to label drawn predictions)."""
+    unwrapped = _unwrap(dataset)
+    if hasattr(unwrapped, "categories"):  # panoptic: things and stuff, from the panoptic JSON
+        return {c["id"]: c["name"] for c in unwrapped.categories}
     api = get_coco_api_from_dataset(dataset)
     return {c["id"]: c["name"] for c in api.loadCats(api.getCatIds())}
+
+
+def get_is_thing_map(dataset) -> dict[int, bool]:
+    """{category_id: is a thing} of a panoptic dataset built by `build_dataset`, from its categories' `isthing`
+    (what `models.segmentation.PostProcessPanoptic` takes)."""
+    unwrapped = _unwrap(dataset)
+    if not hasattr(unwrapped, "is_thing_map"):
+        raise TypeError(f"{type(unwrapped).__name__} is not a panoptic dataset: it has no thing/stuff categories "
+                        f"(use --dataset_file coco_panoptic or synthetic_panoptic)")
+    return dict(unwrapped.is_thing_map)
+
+
+def get_panoptic_files(dataset) -> tuple[Path, Path]:
+    """(panoptic JSON, folder of its PNGs) of a panoptic dataset: the ground truth of `PanopticEvaluator`."""
+    unwrapped = _unwrap(dataset)
+    if not hasattr(unwrapped, "ann_folder"):
+        raise TypeError(f"{type(unwrapped).__name__} is not a panoptic dataset: it has no panoptic PNGs")
+    return unwrapped.ann_file, unwrapped.ann_folder

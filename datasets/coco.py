@@ -35,8 +35,10 @@ def load_json(path: Path) -> Any:
                            f"(char {e.pos})") from e
 
 
-def check_coco_annotations(data: Any, ann_file: Path, num_classes: Optional[int] = None) -> None:
-    """Raise DatasetError if `data` is not a usable COCO instances dict."""
+def check_coco_annotations(data: Any, ann_file: Path, num_classes: Optional[int] = None,
+                           require_masks: bool = False) -> None:
+    """Raise DatasetError if `data` is not a usable COCO instances dict (with a 'segmentation' on every
+    annotation when `require_masks`)."""
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise DatasetError(f"{ann_file}: expected a COCO dict with 'images' and 'annotations', found {found}")
@@ -47,6 +49,9 @@ def check_coco_annotations(data: Any, ann_file: Path, num_classes: Optional[int]
         if ann["image_id"] not in image_ids:
             raise DatasetError(f"{ann_file}: annotation id {ann.get('id')} refers to image_id "
                                f"{ann['image_id']}, which is not in 'images'")
+        if require_masks and not ann.get("segmentation"):
+            raise DatasetError(f"{ann_file}: annotation id {ann.get('id')} (image_id {ann['image_id']}) has no "
+                               f"'segmentation', but masks were asked for (--masks): this dataset has boxes only")
     if num_classes is not None and data["annotations"]:
         category_ids = np.fromiter((ann["category_id"] for ann in data["annotations"]), dtype=np.int64,
                                    count=len(data["annotations"]))
@@ -81,6 +86,17 @@ def convert_coco_poly_to_mask(segmentations: list, height: int, width: int) -> t
     if masks:
         return torch.stack(masks, dim=0)
     return torch.zeros((0, height, width), dtype=torch.bool)
+
+
+def load_image(path: Path, image_id: int, ann_file: Path, mode: str = "RGB") -> PIL.Image.Image:
+    """Open the image file `path` of `image_id` (listed in `ann_file`), converted to `mode`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} (image_id {image_id}, from {ann_file}) not found")
+    try:
+        with PIL.Image.open(path) as img:
+            return img.convert(mode)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable or truncated files
+        raise DatasetError(f"corrupted image file {path} (image_id {image_id}): {e}") from e
 
 
 class ConvertCocoPolysToMask:
@@ -135,7 +151,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise FileNotFoundError(f"annotation file {self.ann_file} not found (expected the COCO layout "
                                     f"<coco_path>/annotations/instances_{{train,val}}2017.json)")
         data = load_json(self.ann_file)
-        check_coco_annotations(data, self.ann_file, num_classes)
+        check_coco_annotations(data, self.ann_file, num_classes, require_masks=return_masks)
         self.coco = coco_from_dict(data)
         self.ids = sorted(self.coco.imgs.keys())
         self._transforms = transforms
@@ -145,15 +161,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.ids)
 
     def _load_image(self, image_id: int) -> PIL.Image.Image:
-        path = self.root / self.coco.imgs[image_id]["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {path} (image_id {image_id}, from {self.ann_file}) "
-                                    f"not found")
-        try:
-            with PIL.Image.open(path) as img:
-                return img.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable or truncated files
-            raise DatasetError(f"corrupted image file {path} (image_id {image_id}): {e}") from e
+        return load_image(self.root / self.coco.imgs[image_id]["file_name"], image_id, self.ann_file)
 
     def __getitem__(self, idx: int):
         image_id = self.ids[idx]

@@ -406,6 +406,17 @@ def build(image_set: str, args):
     return coco.build(image_set, Namespace(**dict(vars(args), coco_path=str(dataset_root(args)))))
 
 
+def build_panoptic(image_set: str, args):
+    """The synthetic data read through the regular COCO panoptic loader (`datasets.coco_panoptic.build`), with
+    the images, the panoptic PNGs + JSON and the detection annotations all in one folder."""
+    from argparse import Namespace
+
+    from . import coco_panoptic
+
+    root = str(dataset_root(args))
+    return coco_panoptic.build(image_set, Namespace(**dict(vars(args), coco_path=root, coco_panoptic_path=root)))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the synthetic COCO-format shapes dataset.")
     parser.add_argument("out_dir", help="folder to create (must not exist)")

@@ -153,27 +153,50 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha:
 
 
 class PostProcessSegm(nn.Module):
-    """Adds binary 'masks' [Q, 1, H, W] (uint8) at the original image size to PostProcess's results."""
+    """Adds binary 'masks' [N, 1, H, W] (uint8) at the original image size to PostProcess's results.
 
-    def __init__(self, threshold: float = 0.5):
+    Each mask is upsampled bilinearly to the padded batch size, thresholded, cropped to its image and
+    resized (nearest) to the original size, as in the original DETR, but image by image and `chunk_size`
+    queries at a time, so that only a few full-resolution float maps exist at once instead of
+    batch x num_queries of them (same masks). By default every query gets a mask (COCO evaluation
+    ranks all of them); with `score_threshold` only queries scoring above it are kept, in all of
+    the image's result fields ('scores', 'labels', 'boxes' and 'masks').
+    """
+
+    def __init__(self, threshold: float = 0.5, chunk_size: int = 10, score_threshold: float | None = None):
         super().__init__()
+        if chunk_size < 1:
+            raise ValueError(f"PostProcessSegm: chunk_size must be at least 1, got {chunk_size}")
         self.threshold = threshold
+        self.chunk_size = chunk_size
+        self.score_threshold = score_threshold
 
     @torch.no_grad()
     def forward(self, results: list[dict], outputs: dict, orig_target_sizes: Tensor,
                 max_target_sizes: Tensor) -> list[dict]:
         """max_target_sizes: [B, 2] augmented (h, w) of each image (the masks are predicted on the padded
         batch); orig_target_sizes: [B, 2] the sizes to resize to."""
-        if len(orig_target_sizes) != len(max_target_sizes):
-            raise ValueError("PostProcessSegm: orig_target_sizes and max_target_sizes differ in length")
+        if not (len(results) == len(orig_target_sizes) == len(max_target_sizes)):
+            raise ValueError("PostProcessSegm: results, orig_target_sizes and max_target_sizes differ in length")
         max_h, max_w = max_target_sizes.max(0)[0].tolist()
-        outputs_masks = outputs["pred_masks"].squeeze(2)
-        outputs_masks = F.interpolate(outputs_masks, size=(max_h, max_w), mode="bilinear", align_corners=False)
-        outputs_masks = (outputs_masks.sigmoid() > self.threshold).cpu()
-        for i, (cur_mask, t, tt) in enumerate(zip(outputs_masks, max_target_sizes, orig_target_sizes)):
-            img_h, img_w = t[0], t[1]
-            masks = cur_mask[:, :img_h, :img_w].unsqueeze(1)
-            results[i]["masks"] = F.interpolate(masks.float(), size=tuple(tt.tolist()), mode="nearest").byte()
+        outputs_masks = outputs["pred_masks"].squeeze(2)  # [B, Q, h, w] mask logits at 1/4 of the padded batch
+        for i, (cur_masks, t, tt) in enumerate(zip(outputs_masks, max_target_sizes, orig_target_sizes)):
+            img_h, img_w = t.tolist()
+            out_h, out_w = tt.tolist()
+            if self.score_threshold is not None:
+                keep = results[i]["scores"] > self.score_threshold
+                for key in ("scores", "labels", "boxes"):
+                    if key in results[i]:
+                        results[i][key] = results[i][key][keep]
+                cur_masks = cur_masks[keep.to(cur_masks.device)]
+            masks = torch.empty((len(cur_masks), 1, out_h, out_w), dtype=torch.uint8)  # [N, 1, H, W]
+            for start in range(0, len(cur_masks), self.chunk_size):
+                chunk = cur_masks[None, start:start + self.chunk_size]  # [1, n, h, w]
+                chunk = F.interpolate(chunk, size=(max_h, max_w), mode="bilinear", align_corners=False)
+                chunk = (chunk.sigmoid() > self.threshold)[0, :, :img_h, :img_w].cpu()
+                masks[start:start + self.chunk_size] = F.interpolate(chunk[:, None].float(), size=(out_h, out_w),
+                                                                     mode="nearest").byte()
+            results[i]["masks"] = masks
         return results
 
 
@@ -194,6 +217,9 @@ class PostProcessPanoptic(nn.Module):
     Queries whose best class is not no-object and whose score exceeds ``threshold`` are kept; each pixel
     goes to the query with the highest mask logit; masks of the same stuff class are merged, and segments
     of at most 4 pixels are removed (repeatedly) before the final PNG.
+
+    ``is_thing_map`` {category_id: is a thing} comes from the dataset's categories (``isthing`` in its panoptic
+    JSON, ``datasets.get_is_thing_map``); queries whose class is not in it are dropped.
     """
 
     def __init__(self, is_thing_map: dict[int, bool], threshold: float = 0.85):
@@ -217,6 +243,10 @@ class PostProcessPanoptic(nn.Module):
         for cur_logits, cur_masks, size, target_size in zip(out_logits, raw_masks, processed_sizes, target_sizes):
             scores, labels = cur_logits.softmax(-1).max(-1)
             keep = labels.ne(no_object) & (scores > self.threshold)
+            # a class that is no category of the dataset (e.g. an unused id below num_classes) has no place in a
+            # panoptic PNG: such queries are dropped like no-object ones
+            known = torch.tensor([label in self.is_thing_map for label in labels.tolist()], device=keep.device)
+            keep &= known
             cur_scores, cur_classes = scores[keep], labels[keep]
             cur_masks = F.interpolate(cur_masks[keep][:, None], _to_tuple(size), mode="bilinear",
                                       align_corners=False).squeeze(1)

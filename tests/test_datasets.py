@@ -167,7 +167,7 @@ def test_build_dataset_dispatch_and_coco_api(tmp_path):
     assert datasets.get_category_names(subset) == {1: "c1", 2: "c2", 3: "c3"}
     assert datasets.default_num_classes(Namespace(dataset_file="coco")) == 91
     assert datasets.default_num_classes(Namespace(dataset_file="coco_panoptic")) == 250
-    with pytest.raises(NotImplementedError, match="panoptic issue"):
+    with pytest.raises(ValueError, match="needs --coco_path"):
         datasets.build_dataset("train", Namespace(dataset_file="coco_panoptic"))
     with pytest.raises(ValueError, match="not supported"):
         datasets.build_dataset("train", Namespace(dataset_file="voc"))

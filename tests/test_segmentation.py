@@ -1,7 +1,9 @@
 import io
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from models import build_model
@@ -80,3 +82,55 @@ def test_panoptic_postprocessor_with_nothing_kept():
     (pred,) = post(outputs, [(16, 16)])
     assert pred["segments_info"] == []
     assert Image.open(io.BytesIO(pred["png_string"])).size == (16, 16)
+
+
+def _postprocess_segm_all_at_once(results, outputs, orig_target_sizes, max_target_sizes, threshold=0.5):
+    """The original's algorithm: the whole batch upsampled to the padded size at once."""
+    max_h, max_w = max_target_sizes.max(0)[0].tolist()
+    masks = F.interpolate(outputs["pred_masks"].squeeze(2), size=(max_h, max_w), mode="bilinear",
+                          align_corners=False)
+    masks = (masks.sigmoid() > threshold).cpu()
+    for i, (cur, t, tt) in enumerate(zip(masks, max_target_sizes, orig_target_sizes)):
+        cur = cur[:, :t[0], :t[1]].unsqueeze(1)
+        results[i]["masks"] = F.interpolate(cur.float(), size=tuple(tt.tolist()), mode="nearest").byte()
+    return results
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 100])
+def test_postprocess_segm_chunks_give_the_same_masks(chunk_size):
+    torch.manual_seed(chunk_size)
+    outputs = {"pred_masks": torch.randn(3, 7, 25, 34) * 3}
+    max_target_sizes = torch.tensor([[100, 133], [97, 120], [64, 136]])
+    orig_target_sizes = torch.tensor([[480, 640], [300, 371], [200, 425]])
+    expected = _postprocess_segm_all_at_once([{}, {}, {}], outputs, orig_target_sizes, max_target_sizes)
+    results = PostProcessSegm(chunk_size=chunk_size)([{}, {}, {}], outputs, orig_target_sizes, max_target_sizes)
+    for r, e in zip(results, expected):
+        assert r["masks"].dtype == torch.uint8 and r["masks"].shape == e["masks"].shape
+        assert torch.equal(r["masks"], e["masks"])
+
+
+def test_postprocess_segm_score_threshold_keeps_fields_aligned():
+    torch.manual_seed(0)
+    outputs = {"pred_masks": torch.randn(2, 6, 10, 12)}
+    sizes = torch.tensor([[40, 48], [36, 48]])
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.95, 0.3], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+    make = lambda: [{"scores": s.clone(), "labels": torch.arange(6), "boxes": torch.rand(6, 4)} for s in scores]  # noqa: E731
+    everything = PostProcessSegm()(make(), outputs, sizes, sizes)
+    kept = PostProcessSegm(score_threshold=0.5)(make(), outputs, sizes, sizes)
+    assert kept[0]["labels"].tolist() == [0, 2, 4] and kept[1]["labels"].tolist() == [5]
+    for k, e in zip(kept, everything):
+        index = k["labels"]
+        assert len(k["scores"]) == len(k["boxes"]) == len(k["masks"]) == len(index)
+        assert torch.equal(k["masks"], e["masks"][index]) and torch.equal(k["scores"], e["scores"][index])
+
+
+def test_panoptic_postprocessor_drops_classes_outside_the_thing_map():
+    # class 1 is no category of the dataset (only 0 and 2 are): its confident query must not reach the PNG
+    logits = torch.full((1, 2, 4), -10.0)
+    logits[0, 0, 1] = 10.0
+    logits[0, 1, 2] = 10.0
+    masks = torch.full((1, 2, 8, 8), -5.0)
+    masks[0, 0, :, :4] = 5.0
+    masks[0, 1, :, 4:] = 5.0
+    (pred,) = PostProcessPanoptic({0: True, 2: False})({"pred_logits": logits, "pred_masks": masks}, [(8, 8)])
+    assert [s["category_id"] for s in pred["segments_info"]] == [2]

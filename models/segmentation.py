@@ -22,6 +22,7 @@ class DETRsegm(nn.Module):
     def __init__(self, detr: nn.Module, freeze_detr: bool = False):
         super().__init__()
         self.detr = detr
+        self.freeze_detr = freeze_detr
         if freeze_detr:
             for p in self.parameters():
                 p.requires_grad_(False)
@@ -30,6 +31,16 @@ class DETRsegm(nn.Module):
         # channels of layer3, layer2, layer1: [1024, 512, 256] for ResNet-50/101 as in the original
         c = detr.backbone.num_channels
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [c // 2, c // 4, c // 8], hidden_dim)
+
+    def train(self, mode: bool = True) -> "DETRsegm":
+        super().train(mode)
+        if self.freeze_detr:
+            # a frozen box model keeps its batch-norm statistics too (only --backbone_norm bn has any; the
+            # original's frozen batch norm has none, and its transformer keeps training-mode dropout, as here)
+            for m in self.detr.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, samples: NestedTensor) -> Dict[str, Any]:
         """DETR's output dict plus 'pred_masks' [B, num_queries, H/4, W/4] (mask logits)."""

@@ -122,10 +122,8 @@ class Trainer(submitit.helpers.Checkpointable):
             torch.set_num_threads(self.args.cpus_per_task)
         args = copy.deepcopy(self.args)  # main.main changes its args; a requeue starts from the submitted ones
         job = submitit.JobEnvironment()
-        if args.output_dir:
-            args.output_dir = args.output_dir.replace("%j", str(job.job_id))
-        else:
-            args.output_dir = str(job.paths.folder)
+        # the job folder as submitit names it (the debug executor does not export SUBMITIT_FOLDER)
+        args.output_dir = (args.output_dir or args.job_dir).replace("%j", str(job.job_id))
         output_dir = Path(args.output_dir)
         check_writable(output_dir, "the output folder")
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")

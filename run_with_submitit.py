@@ -56,7 +56,8 @@ def get_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("job")
     group.add_argument("--ngpus", default=8, type=int,
                        help="processes per node: one per GPU (with --device cpu, CPU processes)")
-    group.add_argument("--nodes", default=4, type=int, help="number of nodes")
+    group.add_argument("--nodes", default=None, type=int,
+                       help="number of nodes (default: 4 on Slurm, as the original; 1 with --cluster local/debug)")
     group.add_argument("--timeout", default=60, type=int,
                        help="time limit of each run of the job, in minutes (the job requeues itself before it)")
     group.add_argument("--job_dir", default="", type=str,
@@ -78,6 +79,13 @@ def get_parser() -> argparse.ArgumentParser:
                        help="memory per node in GB (default 40 per process, as the original; 0: the cluster's "
                             "default)")
     return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    args = get_parser().parse_args(argv)
+    if args.nodes is None:
+        args.nodes = 4 if args.cluster == "slurm" else 1
+    return args
 
 
 def default_job_dir() -> str:
@@ -187,7 +195,7 @@ def build_executor(args: argparse.Namespace) -> submitit.AutoExecutor:
 
 def main(argv: Optional[list[str]] = None) -> submitit.Job:
     setup_logging()
-    args = get_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.ngpus < 1 or args.nodes < 1:
         raise SystemExit(f"--ngpus and --nodes must be at least 1 (got {args.ngpus} and {args.nodes})")
     if args.timeout < 3 and args.cluster == "slurm":

@@ -147,6 +147,16 @@ def test_backend_choice():
             udist.choose_backend("nccl", "cpu")
 
 
+def test_gpu_of_each_process(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert udist.cuda_device_for(3) == 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1: one GPU per task
+    assert udist.cuda_device_for(3) == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit, match="local rank 3 but only 2 GPUs visible"):
+        udist.cuda_device_for(3)
+
+
 def test_init_and_destroy_a_one_process_gloo_group(no_launcher):
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(free_port())).items():

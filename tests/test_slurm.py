@@ -25,7 +25,7 @@ TINY = ["--dataset_file", "synthetic", "--backbone", "resnet18", "--backbone_wei
         "--dec_layers", "1", "--dim_feedforward", "64", "--nheads", "2", "--num_queries", "5", "--dropout", "0",
         "--scales", "64", "--max_size", "80", "--val_size", "64", "--crop_scales", "--num_workers", "0",
         "--device", "cpu", "--batch_size", "1", "--warmup_iters", "0", "--lr_drop", "100"]
-JOB = ["--nodes", "1", "--ngpus", "2", "--cpus_per_task", "1", "--mem_gb", "0", "--timeout", "10"]
+JOB = ["--ngpus", "2", "--cpus_per_task", "1", "--mem_gb", "0", "--timeout", "10"]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                 "PREEMPTED"}
 
@@ -41,7 +41,7 @@ def slurm():
 
 
 def parse(argv: list) -> argparse.Namespace:
-    return rws.get_parser().parse_args(argv)
+    return rws.parse_args(argv)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,17 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"the output folder .*a_file/out is not writable from"):
         rws.main(["--cluster", "local", "--job_dir", str(tmp_path / "jobs" / "%j"),
                   "--output_dir", str(tmp_path / "a_file" / "out")])
+
+
+def test_default_number_of_nodes():
+    assert parse([]).nodes == 4  # Slurm: the original's default
+    assert parse(["--cluster", "local"]).nodes == 1 and parse(["--cluster", "debug"]).nodes == 1
+    assert parse(["--cluster", "local", "--nodes", "2"]).nodes == 2  # refused by build_executor
+
+
+def test_local_cluster_is_one_node(tmp_path):
+    with pytest.raises(SystemExit, match="--cluster local runs on this machine only: use --nodes 1"):
+        rws.build_executor(parse(["--cluster", "local", "--nodes", "2", "--job_dir", str(tmp_path / "%j")]))
 
 
 def test_default_job_folder(monkeypatch):
@@ -190,7 +201,7 @@ def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, data_dir, tmp_path
     requeue`, as a preemption: submitit's checkpoint() is not called), then sent the time-limit signal (USR2:
     checkpoint() requeues it); each run resumes from the output folder's checkpoint.pth and the epochs continue."""
     out = tmp_path / "out"
-    proc = submit(["--job_dir", str(tmp_path / "job" / "%j"), "--output_dir", str(out), "--coco_path",
+    proc = submit(["--nodes", "1", "--job_dir", str(tmp_path / "job" / "%j"), "--output_dir", str(out), "--coco_path",
                    str(data_dir), "--epochs", "6"] + JOB + TINY)
     job_id = re.search(r"Submitted job (\d+) \(slurm\)", proc.stdout).group(1)
     folder = tmp_path / "job" / job_id

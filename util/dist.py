@@ -160,12 +160,25 @@ def choose_backend(requested: str, device: str) -> str:
     return requested
 
 
+def cuda_device_for(local_rank: int) -> int:
+    """This process's GPU: the one of its local rank, or the only one it sees (``srun --gpus-per-task=1`` and
+    similar give every task its own CUDA_VISIBLE_DEVICES)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local_rank >= count:
+        raise SystemExit(f"local rank {local_rank} but only {count} GPUs visible to this process: start at most one "
+                         "process per GPU (--ngpus / --nproc_per_node / --ntasks-per-node)")
+    return local_rank
+
+
 def init_distributed_mode(args) -> None:
     """Initialise the default process group from the launcher's environment (see the module docstring).
 
     Reads ``args.device``, ``args.dist_url`` and, when present, ``args.dist_backend`` (auto|nccl|gloo) and
     ``args.dist_timeout`` (minutes). Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu``
-    (the local rank) and ``args.dist_backend`` (the backend used). On CUDA it selects the GPU ``args.gpu``.
+    (this process's GPU: its local rank, or 0 when it sees a single GPU) and ``args.dist_backend`` (the backend
+    used). On NCCL it selects the GPU ``args.gpu``.
     """
     launch = detect_launch()
     if launch is None:
@@ -192,13 +205,11 @@ def init_distributed_mode(args) -> None:
 
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
-        if launch.local_rank >= torch.cuda.device_count():
-            raise SystemExit(f"local rank {launch.local_rank} but only {torch.cuda.device_count()} GPU(s) visible "
-                             "on this node: start at most one process per GPU")
+        args.gpu = cuda_device_for(launch.local_rank)
         # a failed or stuck rank aborts the others' collectives (after the timeout) instead of hanging them
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        torch.cuda.set_device(launch.local_rank)
-        kwargs["device_id"] = torch.device("cuda", launch.local_rank)
+        torch.cuda.set_device(args.gpu)
+        kwargs["device_id"] = torch.device("cuda", args.gpu)
     timeout_min = float(getattr(args, "dist_timeout", None) or DEFAULT_TIMEOUT_MIN)
     logger.info("distributed init (%s): rank %d of %d, local rank %d, backend %s, rendezvous %s, timeout %g min",
                 launch.launcher, launch.rank, launch.world_size, launch.local_rank, backend, where, timeout_min)

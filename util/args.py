@@ -121,6 +121,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     # distributed training parameters
     parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    parser.add_argument("--dist_backend", default="auto", choices=("auto", "nccl", "gloo"),
+                        help="torch.distributed backend: auto (NCCL when training on CUDA, else gloo), nccl or gloo")
+    parser.add_argument("--dist_timeout", default=30.0, type=float,
+                        help="minutes after which a collective that some rank never joins fails (instead of hanging)")
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Console logging (rank 0 only) and the smoothed training meters behind the console metric lines."""
+"""Console logging (info from rank 0, warnings and errors from every rank) and the smoothed training meters
+behind the console metric lines."""
 import datetime
 import logging
 import sys
@@ -8,25 +9,31 @@ from typing import Iterable, Optional
 
 import torch
 
-from util.dist import all_gather, get_rank
+from util.dist import all_gather, get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
 
 
-class _RankZeroFilter(logging.Filter):
+class _RankFilter(logging.Filter):
+    """Info and debug records from rank 0 only; warnings and errors from every rank, and with several processes
+    they say which rank they come from ("[rank 1] ...")."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return get_rank() == 0
+        rank = get_rank()
+        loud = record.levelno >= logging.WARNING
+        record.rank_prefix = f"[rank {rank}] " if loud and get_world_size() > 1 else ""
+        return rank == 0 or loud
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Plain messages on stdout from rank 0; other ranks stay quiet (warnings and errors included)."""
+    """Plain messages on stdout: everything from rank 0, warnings and errors from every rank."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_detr", False):
             root.removeHandler(h)
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.addFilter(_RankZeroFilter())
+    handler.setFormatter(logging.Formatter("%(rank_prefix)s%(message)s"))
+    handler.addFilter(_RankFilter())
     handler._detr = True
     root.addHandler(handler)
     root.setLevel(level)

@@ -37,7 +37,8 @@ from models.backbone import load_backbone_weights
 from util import args as arguments
 from util.args import get_args_parser  # noqa: F401  (main.get_args_parser, as in the original)
 from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from util.dist import get_rank, get_world_size, init_distributed_mode, is_main_process, local_main_first
+from util.dist import (destroy_distributed, get_rank, get_world_size, init_distributed_mode, is_main_process,
+                       local_main_first)
 from util.git import get_sha
 from util.logger import setup_logging
 from util.nested_tensor import collate_fn
@@ -243,6 +244,14 @@ def main(args: argparse.Namespace) -> dict:
     arguments.apply_dataset_recipe(args)
     check_args(args)
     init_distributed_mode(args)
+    try:
+        return run(args)
+    finally:
+        destroy_distributed()
+
+
+def run(args: argparse.Namespace) -> dict:
+    """main() within the process group: build, load, then evaluate or train."""
     logger.info("git: %s", get_sha())
     logger.info("args: %s", json.dumps(vars(args), default=str))
 

@@ -42,6 +42,7 @@ REPO_DIR = str(Path(__file__).resolve().parent)
 if REPO_DIR not in sys.path:
     sys.path.insert(0, REPO_DIR)
 
+from util import args as arguments  # noqa: E402
 from util.args import get_args_parser  # noqa: E402
 from util.logger import setup_logging  # noqa: E402
 
@@ -82,7 +83,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    args = get_parser().parse_args(argv)
+    """Also records which flags were given (``args.explicit_flags``), as main.py does: the dataset's recipe fills
+    the others, and a requeued job's flags override its checkpoint only where the user set them."""
+    args = arguments.parse_args(sys.argv[1:] if argv is None else argv, parser=get_parser())
     if args.nodes is None:
         args.nodes = 4 if args.cluster == "slurm" else 1
     return args

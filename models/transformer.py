@@ -4,8 +4,9 @@ Differences from ``torch.nn.Transformer`` that matter for DETR: positional encod
 queries and keys of every attention layer (not only to the input), the decoder returns the output of
 every layer (for the auxiliary losses), and the decoder's layer norm is applied to each of them.
 """
+import contextlib
 import copy
-from typing import Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,8 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.activation = _get_activation_fn(activation)
         self.normalize_before = normalize_before
+        # False: attention through scaled_dot_product_attention (fused, no weights); see capture_attention
+        self.need_weights = False
 
     def _ffn(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
@@ -145,10 +148,12 @@ class TransformerEncoderLayer(nn.Module):
             src2 = self.norm1(src)
             q = k = _with_pos(src2, pos)
             src = src + self.dropout1(self.self_attn(q, k, value=src2, attn_mask=src_mask,
-                                                     key_padding_mask=src_key_padding_mask)[0])
+                                                     key_padding_mask=src_key_padding_mask,
+                                                     need_weights=self.need_weights)[0])
             return src + self.dropout2(self._ffn(self.norm2(src)))
         q = k = _with_pos(src, pos)
-        src2 = self.self_attn(q, k, value=src, attn_mask=src_mask, key_padding_mask=src_key_padding_mask)[0]
+        src2 = self.self_attn(q, k, value=src, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+                              need_weights=self.need_weights)[0]
         src = self.norm1(src + self.dropout1(src2))
         return self.norm2(src + self.dropout2(self._ffn(src)))
 
@@ -172,6 +177,8 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.activation = _get_activation_fn(activation)
         self.normalize_before = normalize_before
+        # False: attention through scaled_dot_product_attention (fused, no weights); see capture_attention
+        self.need_weights = False
 
     def _ffn(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
@@ -184,19 +191,58 @@ class TransformerDecoderLayer(nn.Module):
             tgt2 = self.norm1(tgt)
             q = k = _with_pos(tgt2, query_pos)
             tgt = tgt + self.dropout1(self.self_attn(q, k, value=tgt2, attn_mask=tgt_mask,
-                                                     key_padding_mask=tgt_key_padding_mask)[0])
+                                                     key_padding_mask=tgt_key_padding_mask,
+                                                     need_weights=self.need_weights)[0])
             tgt2 = self.norm2(tgt)
             tgt = tgt + self.dropout2(self.multihead_attn(
                 query=_with_pos(tgt2, query_pos), key=_with_pos(memory, pos), value=memory,
-                attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask)[0])
+                attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask, need_weights=self.need_weights)[0])
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         q = k = _with_pos(tgt, query_pos)
-        tgt2 = self.self_attn(q, k, value=tgt, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
+        tgt2 = self.self_attn(q, k, value=tgt, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
+                              need_weights=self.need_weights)[0]
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = self.multihead_attn(query=_with_pos(tgt, query_pos), key=_with_pos(memory, pos), value=memory,
-                                   attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask)[0]
+                                   attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask,
+                                   need_weights=self.need_weights)[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
+
+
+@contextlib.contextmanager
+def capture_attention(transformer: "Transformer") -> Iterator[Dict[str, Tensor]]:
+    """Record the attention weights (averaged over heads) of every attention layer while the block runs.
+
+        with capture_attention(model.transformer) as attention:
+            outputs = model(images)
+        cross = attention["decoder.5.cross_attn"]  # [B, num_queries, H*W] of the feature map
+
+    Keys: 'encoder.{i}.self_attn' [B, HW, HW], 'decoder.{i}.self_attn' [B, Q, Q], 'decoder.{i}.cross_attn'
+    [B, Q, HW]; each row sums to 1 over the keys (padding gets 0). Outside the block the layers go back to the
+    fused attention, which computes no weights.
+    """
+    recorded: Dict[str, Tensor] = {}
+    handles = []
+    layers = [(f"encoder.{i}", layer) for i, layer in enumerate(transformer.encoder.layers)]
+    layers += [(f"decoder.{i}", layer) for i, layer in enumerate(transformer.decoder.layers)]
+
+    def keep(key: str):
+        def hook(module, inputs, output):
+            recorded[key] = output[1].detach()
+        return hook
+
+    for name, layer in layers:
+        layer.need_weights = True
+        handles.append(layer.self_attn.register_forward_hook(keep(f"{name}.self_attn")))
+        if hasattr(layer, "multihead_attn"):
+            handles.append(layer.multihead_attn.register_forward_hook(keep(f"{name}.cross_attn")))
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+        for _, layer in layers:
+            layer.need_weights = False
 
 
 def _get_clones(module: nn.Module, n: int) -> nn.ModuleList:

@@ -303,3 +303,27 @@ def test_scripted_parts_equal_eager():
                 assert torch.equal(a, b)
         else:
             assert torch.equal(eager, script)
+
+
+def test_attention_weights_on_request_only():
+    from models.transformer import capture_attention
+
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_args(aux_loss=False))
+    model.eval()
+    samples = _two_images()
+    with torch.no_grad():
+        fused = model(samples)
+        with capture_attention(model.transformer) as attention:
+            explicit = model(samples)
+        after = model(samples)
+    torch.testing.assert_close(explicit["pred_logits"], fused["pred_logits"], atol=1e-5, rtol=0)
+    assert torch.equal(after["pred_logits"], fused["pred_logits"])
+    assert all(not layer.need_weights for layer in model.transformer.decoder.layers)
+    h, w = (-(-n // 32) for n in samples.tensors.shape[-2:])  # the stride-32 feature map
+    cross = attention["decoder.1.cross_attn"]
+    assert cross.shape == (2, 5, h * w) and attention["encoder.0.self_attn"].shape == (2, h * w, h * w)
+    torch.testing.assert_close(cross.sum(-1), torch.ones(2, 5))
+    # padded keys of the narrower second image get no attention
+    mask = torch.nn.functional.interpolate(samples.mask[None].float(), size=(h, w))[0].bool().flatten(1)
+    assert mask[1].any() and cross[1][:, mask[1]].abs().max() == 0

@@ -34,12 +34,13 @@ if not __package__:
 import torch  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
+from detectron2.data import build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.data.datasets import register_coco_instances, register_coco_panoptic  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators  # noqa: E402
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from d2.detr import DetrDatasetMapper, add_detr_config  # noqa: E402
 from d2.detr.detr import load_frozen_weights  # noqa: E402
@@ -143,6 +144,9 @@ def setup(args) -> CfgNode:
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # this repository's loggers (d2.*, models.*, util.*) to the console and OUTPUT_DIR/log.txt, as Detectron2's
+    for name in ("d2", "models", "util"):
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name, abbrev_name=name)
     return cfg
 
 
@@ -187,6 +191,5 @@ if __name__ == "__main__":
     if cli_args.num_gpus > 1 and not torch.cuda.is_available():
         raise SystemExit("--num-gpus: Detectron2's trainer runs one process per GPU and no GPU is visible; on CPU "
                          "use --num-gpus 1 (main.py trains with several CPU processes)")
-    logger.info("Command line: %s", cli_args)
     launch(main, cli_args.num_gpus, num_machines=cli_args.num_machines, machine_rank=cli_args.machine_rank,
            dist_url=cli_args.dist_url, args=(cli_args,))

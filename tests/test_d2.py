@@ -79,15 +79,16 @@ def synthetic_root(tmp_path_factory) -> Path:
 # Done when 1: a converted random-weight R50 checkpoint loads strictly and gives this repository's outputs
 
 
-def test_converted_r50_loads_strictly_and_matches_this_repository(tmp_path):
+@pytest.mark.parametrize("dc5", [False, True], ids=["R50", "R50-DC5"])
+def test_converted_r50_loads_strictly_and_matches_this_repository(tmp_path, dc5):
     torch.manual_seed(0)
-    model, _, _ = build_model(make_args(backbone="resnet50", num_classes=91, **TINY))
+    model, _, _ = build_model(make_args(backbone="resnet50", num_classes=91, dilation=dc5, **TINY))
     model.eval()
     src, dst = tmp_path / "detr_r50.pth", tmp_path / "detr_r50_d2.pth"
     torch.save({"model": model.state_dict()}, src)
     converter.main(["--source_model", str(src), "--output_model", str(dst)])
 
-    d2_model = d2_build_model(d2_cfg(DET_CONFIG, TINY_OPTS))
+    d2_model = d2_build_model(d2_cfg(DET_CONFIG, [*TINY_OPTS, "MODEL.RESNETS.RES5_DILATION", 2 if dc5 else 1]))
     d2_model.eval()
     state = torch.load(dst, weights_only=True)["model"]
     d2_model.load_state_dict(state, strict=True)

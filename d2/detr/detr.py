@@ -41,6 +41,11 @@ class MaskedBackbone(nn.Module):
     def __init__(self, cfg: CfgNode):
         super().__init__()
         self.backbone = build_backbone(cfg)
+        if cfg.MODEL.RESNETS.RES5_DILATION == 2:
+            # DC5 as torchvision's replace_stride_with_dilation, which DETR uses: the first res5 block keeps dilation 1
+            # in its 3x3 convolution (Detectron2 dilates every block), so converted DC5 checkpoints give DETR's outputs
+            first = self.backbone.res5[0].conv2
+            first.dilation, first.padding = (1, 1), (1, 1)
         shapes = self.backbone.output_shape()
         self.out_features = list(cfg.MODEL.RESNETS.OUT_FEATURES) if cfg.MODEL.RESNETS.OUT_FEATURES else list(shapes)
         self.num_channels = shapes[self.out_features[-1]].channels

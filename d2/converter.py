@@ -1,4 +1,4 @@
-"""Convert a DETR checkpoint (this repository's or a published one) to the layout of the Detectron2 wrapper.
+r"""Convert a DETR checkpoint (this repository's or a published one) to the layout of the Detectron2 wrapper.
 
 Run from the repository root:
 
@@ -32,9 +32,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
+if not __package__:
+    raise SystemExit("run d2/converter.py from the repository root as a module: python -m d2.converter ...")
 
-from util.checkpoint import load_checkpoint, save_checkpoint
+import torch  # noqa: E402
+
+from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +188,10 @@ def convert(source: str, output: str, categories: str = "auto") -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("python -m d2.converter",
-                                     description="Convert a DETR checkpoint to the Detectron2 wrapper's layout.")
+    parser = argparse.ArgumentParser(
+        "python -m d2.converter", description="Convert a DETR checkpoint to the Detectron2 wrapper's layout.",
+        epilog=__doc__[__doc__.index("Run from"):__doc__.index("What changes")],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source_model", required=True,
                         help="DETR checkpoint ({'model': state_dict, ...}): a path, or an http(s) URL read through "
                              "the torch hub cache ($TORCH_HOME/hub/checkpoints/)")

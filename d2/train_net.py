@@ -1,4 +1,4 @@
-"""Train and evaluate DETR with Detectron2's trainer, data registry and evaluators.
+r"""Train and evaluate DETR with Detectron2's trainer, data registry and evaluators.
 
 Run from the repository root, as a module (so that this repository's models/ and util/ are importable):
 
@@ -178,6 +178,7 @@ def main(args) -> OrderedDict:
 
 def get_args_parser():
     parser = default_argument_parser(epilog=__doc__)
+    parser.prog = "python -m d2.train_net"
     parser.add_argument("--coco-dataset", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_DIR"),
                         help="register a COCO-format instances dataset under NAME (repeatable)")
     parser.add_argument("--coco-panoptic-dataset", nargs=4, action="append",

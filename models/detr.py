@@ -193,7 +193,12 @@ class SetCriterion(nn.Module):
         Returns the unweighted losses; aux-layer losses get the suffix ``_{i}``."""
         self._check_targets(targets)
         outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(outputs_without_aux, targets)
+        aux_outputs = outputs.get("aux_outputs", [])
+        # every decoder layer is matched on its own; a matcher that can, matches them all at once
+        if hasattr(self.matcher, "match_layers"):
+            indices_per_layer = self.matcher.match_layers([outputs_without_aux] + aux_outputs, targets)
+        else:
+            indices_per_layer = [self.matcher(o, targets) for o in [outputs_without_aux] + aux_outputs]
 
         # average number of target boxes across processes, for normalisation
         num_boxes = sum(len(t["labels"]) for t in targets)
@@ -204,15 +209,14 @@ class SetCriterion(nn.Module):
 
         losses = {}
         for loss in self.losses:
-            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
+            losses.update(self.get_loss(loss, outputs, targets, indices_per_layer[0], num_boxes))
 
-        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-            indices = self.matcher(aux_outputs, targets)
+        for i, (aux, indices) in enumerate(zip(aux_outputs, indices_per_layer[1:])):
             for loss in self.losses:
                 if loss == "masks":
                     continue  # intermediate masks are too costly and not predicted
                 kwargs = {"log": False} if loss == "labels" else {}
-                l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
+                l_dict = self.get_loss(loss, aux, targets, indices, num_boxes, **kwargs)
                 losses.update({k + f"_{i}": v for k, v in l_dict.items()})
         return losses
 

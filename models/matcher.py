@@ -30,13 +30,21 @@ class HungarianMatcher(nn.Module):
         Returns B pairs (index_i, index_j) of int64 tensors of length min(Q, n_i): prediction index_i[k]
         is matched to target index_j[k].
         """
-        bs, num_queries = outputs["pred_logits"].shape[:2]
+        return self.match_layers([outputs], targets)[0]
 
-        # flatten the batch to compute all costs in one go
-        out_prob = outputs["pred_logits"].flatten(0, 1).softmax(-1)  # [B*Q, num_classes + 1]
-        out_bbox = outputs["pred_boxes"].flatten(0, 1)  # [B*Q, 4]
+    @torch.no_grad()
+    def match_layers(self, layers: list[dict], targets: list[dict]) -> list[list[tuple[Tensor, Tensor]]]:
+        """``forward`` for the outputs of several decoder layers at once (the last one and the aux_outputs):
+        the costs of all layers are computed together on the outputs' device, in fp32 whatever the autocast
+        state, and copied to the host once. Returns one list of B index pairs per layer."""
+        num_layers = len(layers)
+        bs, num_queries = layers[0]["pred_logits"].shape[:2]
+        # flatten layers and batch to compute all costs in one go
+        logits = torch.stack([out["pred_logits"] for out in layers]).float()  # [L, B, Q, num_classes + 1]
+        out_prob = logits.flatten(0, 2).softmax(-1)  # [L*B*Q, num_classes + 1]
+        out_bbox = torch.stack([out["pred_boxes"] for out in layers]).float().flatten(0, 2)  # [L*B*Q, 4]
         tgt_ids = torch.cat([v["labels"] for v in targets])
-        tgt_bbox = torch.cat([v["boxes"] for v in targets]).to(out_bbox.dtype)
+        tgt_bbox = torch.cat([v["boxes"] for v in targets]).float()
 
         # -prob approximates the NLL of the target class; the constant 1 of 1 - prob does not change the match
         cost_class = -out_prob[:, tgt_ids]
@@ -44,14 +52,18 @@ class HungarianMatcher(nn.Module):
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
 
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        cost = cost.view(bs, num_queries, -1).cpu()  # [B, Q, sum n_i]
+        cost = cost.view(num_layers, bs, num_queries, -1).cpu()  # [L, B, Q, sum n_i]: the one host transfer
         # Non-finite predictions (a diverging step) would make scipy raise; the loss is non-finite anyway and
         # the training loop reports and skips such a step, so match on a finite stand-in instead.
         cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
 
         sizes = [len(v["boxes"]) for v in targets]
-        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
-        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+        matches = []
+        for layer_cost in cost:
+            indices = [linear_sum_assignment(c[i]) for i, c in enumerate(layer_cost.split(sizes, -1))]
+            matches.append([(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
+                            for i, j in indices])
+        return matches
 
 
 def build_matcher(args) -> HungarianMatcher:

@@ -78,3 +78,46 @@ def test_non_finite_predictions_do_not_crash_the_matcher():
     target = {"labels": torch.tensor([1]), "boxes": _random_boxes(1, gen)}
     (i, j), = HungarianMatcher(1, 5, 2)(outputs, [target])
     assert len(i) == 1
+
+
+def test_all_decoder_layers_matched_with_one_host_transfer(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    layers = [_outputs(2, 7, 4, gen) for _ in range(3)]
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": _random_boxes(2, gen)},
+               {"labels": torch.tensor([0, 2, 4]), "boxes": _random_boxes(3, gen)}]
+    matcher = HungarianMatcher(1, 5, 2)
+    one_by_one = [matcher(o, targets) for o in layers]
+    transfers = []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *a, **k):
+        transfers.append(tuple(self.shape))
+        return real_cpu(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    together = matcher.match_layers(layers, targets)
+    assert transfers == [(3, 2, 7, 5)]  # [layers, batch, queries, all targets]
+    for a, b in zip(one_by_one, together):
+        for (i, j), (bi, bj) in zip(a, b):
+            assert torch.equal(i, bi) and torch.equal(j, bj)
+
+
+def test_costs_are_fp32_under_autocast(monkeypatch):
+    import models.matcher
+
+    gen = torch.Generator().manual_seed(4)
+    outputs = {k: v.to(torch.bfloat16) for k, v in _outputs(2, 6, 3, gen).items()}
+    targets = [{"labels": torch.tensor([1]), "boxes": _random_boxes(1, gen)},
+               {"labels": torch.tensor([2, 0]), "boxes": _random_boxes(2, gen)}]
+    seen = []
+    real_giou = models.matcher.generalized_box_iou
+
+    def spy(a, b):
+        out = real_giou(a, b)
+        seen.append((a.dtype, b.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(models.matcher, "generalized_box_iou", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        HungarianMatcher(1, 5, 2)(outputs, targets)
+    assert seen == [(torch.float32, torch.float32, torch.float32)]

@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 import torch
 
 from datasets.coco_eval import CocoEvaluator
+from util.amp import autocast, to_float
 from util.dist import reduce_dict
 from util.logger import MetricLogger, SmoothedValue
 
@@ -29,13 +30,16 @@ def _log_dicts(loss_dict_reduced: dict, weight_dict: dict) -> tuple[dict, dict]:
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, max_norm: float = 0,
-                    warmup_iters: int = 0, max_consecutive_nonfinite: int = 5, print_freq: int = 10) -> dict:
+                    warmup_iters: int = 0, max_consecutive_nonfinite: int = 5, print_freq: int = 10,
+                    amp: str = "off", scaler: Optional[torch.amp.GradScaler] = None) -> dict:
     """Train for one epoch; returns the epoch's global averages of every logged value.
 
     ``warmup_iters`` > 0 scales the lr of every group (what the lr scheduler set, e.g. after a drop) linearly from
     0 to 1 over the first iterations of training (counted from epoch 0); the groups hold the scheduler's values
     again when the epoch ends. A step whose loss is not finite is skipped and reported
     (loss values and image ids); after ``max_consecutive_nonfinite`` such steps in a row training stops.
+    ``amp`` 'bf16' / 'fp16' runs the model's forward under autocast (losses and matching stay fp32); ``scaler``
+    (fp16) scales the loss and skips steps whose gradients overflow.
     """
     model.train()
     criterion.train()
@@ -60,8 +64,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        outputs = model(samples)
-        loss_dict = criterion(outputs, targets)
+        with autocast(device, amp):
+            outputs = model(samples)
+        loss_dict = criterion(to_float(outputs), targets)
         weight_dict = criterion.weight_dict
         losses = _weighted_losses(loss_dict, weight_dict)
 
@@ -85,10 +90,18 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         consecutive_nonfinite = 0
 
         optimizer.zero_grad()
-        losses.backward()
-        if max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
+        if scaler is None:
+            losses.backward()
+            if max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+        else:
+            scaler.scale(losses).backward()
+            if max_norm > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            scaler.step(optimizer)
+            scaler.update()
 
         metric_logger.update(loss=loss_value, **scaled, **unscaled)
         metric_logger.update(class_error=loss_dict_reduced["class_error"])
@@ -106,12 +119,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: dict, data_loader: Iterable,
-             base_ds, device: torch.device, output_dir: str, print_freq: int = 10, coco_eval_backend: str = "auto"
-             ) -> tuple[dict, Optional[CocoEvaluator]]:
+             base_ds, device: torch.device, output_dir: str, print_freq: int = 10, coco_eval_backend: str = "auto",
+             amp: str = "off") -> tuple[dict, Optional[CocoEvaluator]]:
     """Losses on the split plus COCO metrics for every post-processor ('bbox', 'segm').
 
     Returns (stats, coco_evaluator); stats['coco_eval_bbox'] holds the 12 pycocotools numbers (computed by
-    `coco_eval_backend`: 'auto', 'pycocotools' or 'hotcoco', see datasets.coco_eval).
+    `coco_eval_backend`: 'auto', 'pycocotools' or 'hotcoco', see datasets.coco_eval). ``amp`` runs the forward
+    under autocast; losses and post-processing stay fp32.
     """
     model.eval()
     criterion.eval()
@@ -125,7 +139,9 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        outputs = model(samples)
+        with autocast(device, amp):
+            outputs = model(samples)
+        outputs = to_float(outputs)
         loss_dict = criterion(outputs, targets)
         loss_dict_reduced = reduce_dict(loss_dict)
         unscaled, scaled = _log_dicts(loss_dict_reduced, criterion.weight_dict)

@@ -35,6 +35,7 @@ from engine import evaluate, train_one_epoch
 from models import build_model
 from models.backbone import load_backbone_weights
 from util import args as arguments
+from util.amp import grad_scaler, warn_if_emulated
 from util.args import get_args_parser  # noqa: F401  (main.get_args_parser, as in the original)
 from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from util.dist import (destroy_distributed, get_rank, get_world_size, init_distributed_mode, is_main_process,
@@ -61,8 +62,6 @@ def seed_everything(seed: int) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.amp != "off":
-        raise SystemExit(f"--amp {args.amp}: mixed precision is not available yet; use --amp off (fp32)")
     if args.frozen_weights is not None and not args.masks:
         raise SystemExit("--frozen_weights is only for training the segmentation head: add --masks")
     if args.finetune and (args.resume or args.frozen_weights):
@@ -103,8 +102,9 @@ def build_loaders(args):
     return loader_train, sampler_train, loader_val, dataset_val
 
 
-def resume(args, model_without_ddp, optimizer, lr_scheduler) -> None:
-    """--resume: model, and unless --eval, optimizer, lr scheduler, epoch and schedule; says what was restored."""
+def resume(args, model_without_ddp, optimizer, lr_scheduler, scaler=None) -> None:
+    """--resume: model, and unless --eval, optimizer, lr scheduler, epoch and schedule (and the fp16 gradient
+    scaler); says what was restored."""
     checkpoint = load_checkpoint(args.resume)
     load_model_state(model_without_ddp, checkpoint["model"], source=args.resume)
     restored = ["model"]
@@ -113,6 +113,12 @@ def resume(args, model_without_ddp, optimizer, lr_scheduler) -> None:
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         args.start_epoch = checkpoint["epoch"] + 1
         restored += ["optimizer", "lr_scheduler", f"epoch (continuing at epoch {args.start_epoch})"]
+        if scaler is not None and "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+            restored.append(f"fp16 gradient scaler (scale {scaler.get_scale():g})")
+        elif scaler is not None:
+            logger.info("Resume: the checkpoint has no fp16 gradient scaler (it ran without --amp fp16); "
+                        "starting a fresh one")
         resume_schedule(args, checkpoint.get("args") or {}, optimizer, lr_scheduler)
     not_restored = [k for k in ("optimizer", "lr_scheduler", "epoch") if not any(r.startswith(k) for r in restored)]
     logger.info("Resumed from %s: restored %s%s", args.resume, ", ".join(restored),
@@ -176,10 +182,13 @@ def load_initial_weights(args, model_without_ddp) -> None:
     logger.info("Backbone weights: from the checkpoint (--backbone_weights %s not used)", args.backbone_weights)
 
 
-def checkpoint_dict(model_without_ddp, optimizer, lr_scheduler, epoch: int, args) -> dict:
+def checkpoint_dict(model_without_ddp, optimizer, lr_scheduler, epoch: int, args, scaler=None) -> dict:
     args_dict = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
-    return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args_dict}
+    state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args_dict}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
 
 
 def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
@@ -257,6 +266,9 @@ def run(args: argparse.Namespace) -> dict:
 
     device = torch.device(args.device)
     seed_everything(args.seed + get_rank())  # a different seed per process, as the original
+    if args.amp != "off":
+        warn_if_emulated(device.type, args.amp)
+    scaler = grad_scaler(device, args.amp)
 
     with local_main_first():  # e.g. the synthetic data: generated once per node while the other processes wait
         datasets.prepare(args)
@@ -270,7 +282,7 @@ def run(args: argparse.Namespace) -> dict:
 
     load_initial_weights(args, model)
     if args.resume:
-        resume(args, model, optimizer, lr_scheduler)
+        resume(args, model, optimizer, lr_scheduler, scaler)
     model_without_ddp = model
     if args.distributed:
         device_ids = [args.gpu] if device.type == "cuda" else None
@@ -282,15 +294,15 @@ def run(args: argparse.Namespace) -> dict:
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                              args.output_dir, coco_eval_backend=args.coco_eval_backend)
+                                              args.output_dir, coco_eval_backend=args.coco_eval_backend, amp=args.amp)
         if output_dir and is_main_process() and "bbox" in coco_evaluator.coco_eval:
             save_checkpoint(plain_eval(coco_evaluator.coco_eval["bbox"]), str(output_dir / "eval.pth"))
         return test_stats
-    return train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
+    return train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
                  loader_train, sampler_train, loader_val, base_ds, device, output_dir)
 
 
-def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, loader_train,
+def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler, loader_train,
           sampler_train, loader_val, base_ds, device, output_dir: Optional[Path]) -> dict:
     """The epoch loop: train, step the lr, checkpoint, evaluate, log."""
     logger.info("Start training")
@@ -300,15 +312,15 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
         if args.distributed:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-                                      warmup_iters=args.warmup_iters)
+                                      warmup_iters=args.warmup_iters, amp=args.amp, scaler=scaler)
         lr_scheduler.step()
         if output_dir and is_main_process():
-            state = checkpoint_dict(model_without_ddp, optimizer, lr_scheduler, epoch, args)
+            state = checkpoint_dict(model_without_ddp, optimizer, lr_scheduler, epoch, args, scaler)
             for path in checkpoint_paths(output_dir, epoch, args.lr_drop):
                 save_checkpoint(state, str(path))
 
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                              args.output_dir, coco_eval_backend=args.coco_eval_backend)
+                                              args.output_dir, coco_eval_backend=args.coco_eval_backend, amp=args.amp)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
                      "epoch": epoch,

@@ -1,12 +1,12 @@
 """ResNet backbone returning padded feature maps, joined with the positional encoding."""
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Final, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d  # eps=1e-5, as the original's
 
@@ -18,15 +18,102 @@ logger = logging.getLogger(__name__)
 __all__ = ["Backbone", "BackboneBase", "FrozenBatchNorm2d", "Joiner", "build_backbone", "load_backbone_weights"]
 
 
+class _FoldableFrozenBN(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d, able to hand its affine map to the preceding convolution."""
+
+    def scale_shift(self) -> Tuple[Tensor, Tensor]:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
+
+class _ConvFrozenBN(nn.Conv2d):
+    """nn.Conv2d that can run with a frozen batch norm folded into it: one convolution with weight * scale and
+    bias shift, instead of a convolution then two passes over its output. Exact in training too (the norm is
+    constant, and autograd sees the scaled weight), up to float rounding."""
+
+    def conv_bn(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        bias = self.bias
+        if bias is not None:
+            shift = shift + bias * scale
+        return F.conv2d(x, self.weight * scale.reshape(-1, 1, 1, 1), shift, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class _FoldedBasicBlock(torchvision.models.resnet.BasicBlock):
+    """torchvision's BasicBlock with its frozen batch norms folded into the convolutions (same parameters)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.bn1.scale_shift()
+        out = self.relu(self.conv1.conv_bn(x, scale, shift))
+        scale, shift = self.bn2.scale_shift()
+        out = self.conv2.conv_bn(out, scale, shift)
+        identity = x
+        if self.downsample is not None:
+            scale, shift = self.downsample[1].scale_shift()
+            identity = self.downsample[0].conv_bn(x, scale, shift)
+        out += identity
+        return self.relu(out)
+
+
+class _FoldedBottleneck(torchvision.models.resnet.Bottleneck):
+    """torchvision's Bottleneck with its frozen batch norms folded into the convolutions (same parameters)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.bn1.scale_shift()
+        out = self.relu(self.conv1.conv_bn(x, scale, shift))
+        scale, shift = self.bn2.scale_shift()
+        out = self.relu(self.conv2.conv_bn(out, scale, shift))
+        scale, shift = self.bn3.scale_shift()
+        out = self.conv3.conv_bn(out, scale, shift)
+        identity = x
+        if self.downsample is not None:
+            scale, shift = self.downsample[1].scale_shift()
+            identity = self.downsample[0].conv_bn(x, scale, shift)
+        out += identity
+        return self.relu(out)
+
+
+def fold_frozen_batch_norms(resnet: torchvision.models.ResNet) -> None:
+    """Make a ResNet with FrozenBatchNorm2d run its norms folded into the convolutions. Only methods change (the
+    modules' classes get subclasses adding them): parameters, buffers and state-dict keys stay as they are."""
+    folded_blocks = {torchvision.models.resnet.BasicBlock: _FoldedBasicBlock,
+                     torchvision.models.resnet.Bottleneck: _FoldedBottleneck}
+    for module in resnet.modules():
+        if type(module) in folded_blocks:
+            module.__class__ = folded_blocks[type(module)]
+        elif type(module) is FrozenBatchNorm2d:
+            module.__class__ = _FoldableFrozenBN
+        elif type(module) is nn.Conv2d:
+            module.__class__ = _ConvFrozenBN
+
+
+def unfold_frozen_batch_norms(resnet: nn.Module) -> None:
+    """Undo ``fold_frozen_batch_norms``: the plain torchvision modules again (the reference path, for comparisons)."""
+    plain = {_FoldedBasicBlock: torchvision.models.resnet.BasicBlock,
+             _FoldedBottleneck: torchvision.models.resnet.Bottleneck,
+             _FoldableFrozenBN: FrozenBatchNorm2d, _ConvFrozenBN: nn.Conv2d}
+    for module in resnet.modules():
+        if type(module) in plain:
+            module.__class__ = plain[type(module)]
+    for module in resnet.modules():
+        if isinstance(module, BackboneBase):
+            module.folded = False
+
+
 class BackboneBase(nn.Module):
     """Wraps a ResNet trunk; returns a dict of NestedTensors (feature map + downsampled padding mask).
 
     Only layer2..layer4 are trained (the stem and layer1 stay frozen, as in the original) unless
-    ``train_all_layers``; nothing is trained when ``train_backbone`` is False.
+    ``train_all_layers``; nothing is trained when ``train_backbone`` is False. A ResNet with frozen batch norm
+    runs with the norms folded into its convolutions (``fold_frozen_batch_norms``; same results, faster).
+    With ``channels_last`` the trunk runs on channels-last tensors (faster convolutions on CPUs, see
+    util/benchmark.py); outputs are the same.
     """
+    folded: Final[bool]
+    channels_last: Final[bool]
 
     def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool,
-                 last_layer: str = "layer4", train_all_layers: bool = False):
+                 last_layer: str = "layer4", train_all_layers: bool = False, channels_last: bool = False):
         super().__init__()
         trainable = ("layer2", "layer3", "layer4")
         for name, parameter in backbone.named_parameters():
@@ -38,19 +125,36 @@ class BackboneBase(nn.Module):
             return_layers = {name: str(i) for i, name in enumerate(layers)}
         else:
             return_layers = {last_layer: "0"}
+        self.folded = isinstance(backbone, torchvision.models.ResNet) and isinstance(backbone.bn1, FrozenBatchNorm2d)
+        if self.folded:
+            fold_frozen_batch_norms(backbone)
         self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
+        self.return_layers = return_layers
         self.num_channels = num_channels
+        self.channels_last = channels_last
 
     def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
-        xs = self.body(tensor_list.tensors)
         m = tensor_list.mask
         if m is None:
             raise ValueError("Backbone: the NestedTensor has no padding mask; build it with "
                              "nested_tensor_from_tensor_list")
+        x = tensor_list.tensors
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        body = self.body
+        if self.folded:
+            scale, shift = body.bn1.scale_shift()
+            x = body.conv1.conv_bn(x, scale, shift)
+        else:
+            x = body.bn1(body.conv1(x))
+        x = body.maxpool(body.relu(x))
         out: Dict[str, NestedTensor] = {}
-        for name, x in xs.items():
-            mask = F.interpolate(m[None].float(), size=x.shape[-2:]).to(torch.bool)[0]  # [B, h, w]
-            out[name] = NestedTensor(x, mask)
+        for name, layer in body.items():
+            if name.startswith("layer"):
+                x = layer(x)
+                if name in self.return_layers:
+                    mask = F.interpolate(m[None].float(), size=x.shape[-2:]).to(torch.bool)[0]  # [B, h, w]
+                    out[self.return_layers[name]] = NestedTensor(x.contiguous(), mask)
         return out
 
 
@@ -58,11 +162,14 @@ class Backbone(BackboneBase):
     """A torchvision ResNet with frozen batch norm, randomly initialised (load weights explicitly).
 
     ``norm`` 'frozen_bn' (the original) or 'bn' (trainable BatchNorm, for training from scratch);
-    ``last_layer`` 'layer4' (stride 32, the original) or 'layer3' (stride 16).
+    ``last_layer`` 'layer4' (stride 32, the original) or 'layer3' (stride 16); ``channels_last`` (default) runs
+    the trunk on channels-last tensors: on CPU 0.8x the time of R50 inference at 800x1066 (with the folded norms,
+    0.65x of the plain trunk; util/benchmark.py), no slower in training.
     """
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
-                 norm: str = "frozen_bn", last_layer: str = "layer4", train_all_layers: bool = False):
+                 norm: str = "frozen_bn", last_layer: str = "layer4", train_all_layers: bool = False,
+                 channels_last: bool = True):
         if norm not in ("frozen_bn", "bn"):
             raise ValueError(f"Backbone: norm must be 'frozen_bn' or 'bn', got {norm!r}")
         if last_layer not in ("layer3", "layer4"):
@@ -73,7 +180,8 @@ class Backbone(BackboneBase):
                                  norm_layer=norm_layer)
         layer4_channels = backbone.fc.in_features  # 512 for resnet18/34, 2048 for the bottleneck ResNets
         num_channels = layer4_channels if last_layer == "layer4" else layer4_channels // 2
-        super().__init__(backbone, train_backbone, num_channels, return_interm_layers, last_layer, train_all_layers)
+        super().__init__(backbone, train_backbone, num_channels, return_interm_layers, last_layer, train_all_layers,
+                         channels_last)
         self.name = name
 
 

@@ -37,6 +37,10 @@ class HungarianMatcher(nn.Module):
         """``forward`` for the outputs of several decoder layers at once (the last one and the aux_outputs):
         the costs of all layers are computed together on the outputs' device, in fp32 whatever the autocast
         state, and copied to the host once. Returns one list of B index pairs per layer."""
+        with torch.autocast(layers[0]["pred_logits"].device.type, enabled=False):
+            return self._match_layers(layers, targets)
+
+    def _match_layers(self, layers: list[dict], targets: list[dict]) -> list[list[tuple[Tensor, Tensor]]]:
         num_layers = len(layers)
         bs, num_queries = layers[0]["pred_logits"].shape[:2]
         # flatten layers and batch to compute all costs in one go

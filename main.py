@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import datasets
 from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.samplers import GroupedBatchSampler, aspect_ratio_groups
 from engine import evaluate, train_one_epoch
 from models import build_model
 from models.backbone import load_backbone_weights
@@ -96,7 +97,11 @@ def build_loaders(args):
         if not drop_last:
             logger.warning("the training split (%d images) is smaller than one batch (%d): keeping the partial batch",
                            len(dataset_train), args.batch_size * get_world_size())
-        batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=drop_last)
+        if args.aspect_ratio_grouping:  # less padding: portrait and landscape images in batches of their own
+            batch_sampler = GroupedBatchSampler(sampler_train, aspect_ratio_groups(dataset_train), args.batch_size,
+                                                drop_last=drop_last)
+        else:
+            batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=drop_last)
         loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
                                   num_workers=args.num_workers)
     return loader_train, sampler_train, loader_val, dataset_val

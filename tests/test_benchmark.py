@@ -1,0 +1,20 @@
+"""util.benchmark runs every row (tiny sizes); timings are printed, never asserted."""
+from util import benchmark
+
+
+def test_quick_benchmark_prints_every_section(capsys):
+    text = benchmark.main(["--quick", "--only", "matcher", "data"])
+    assert "matmul peak fp32" in text and "Matcher per training step" in text and "images/s" in text
+    assert "| row | seconds | ratio | GFLOP/s | note |" in text
+
+
+def test_plain_reference_is_the_unoptimised_path():
+    import hubconf
+    from models.backbone import _ConvFrozenBN
+
+    model = hubconf.detr_resnet50().eval()
+    plain = benchmark.plain_reference(model)
+    assert any(isinstance(m, _ConvFrozenBN) for m in model.modules())
+    assert not any(isinstance(m, _ConvFrozenBN) for m in plain.modules())
+    assert not plain.backbone[0].channels_last and all(layer.need_weights for layer in plain.transformer.encoder.layers)
+    assert list(plain.state_dict()) == list(model.state_dict())

@@ -39,6 +39,7 @@ from util import args as arguments
 from util.amp import grad_scaler, warn_if_emulated
 from util.args import get_args_parser  # noqa: F401  (main.get_args_parser, as in the original)
 from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from util.compile import CompiledOrEager
 from util.dist import (destroy_distributed, get_rank, get_world_size, init_distributed_mode, is_main_process,
                        local_main_first)
 from util.git import get_sha
@@ -292,6 +293,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.distributed:
         device_ids = [args.gpu] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if args.compile:
+        model = CompiledOrEager(model)
     print_start(args, model_without_ddp)
 
     loader_train, sampler_train, loader_val, dataset_val = build_loaders(args)

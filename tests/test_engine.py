@@ -419,3 +419,20 @@ def test_plots_from_the_real_run(trained, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _, _, png = plot_precision_recall([out / "eval" / "latest.pth"], output=tmp_path / "pr.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compile_falls_back_to_eager_when_it_cannot_compile(monkeypatch, caplog):
+    from util.compile import CompiledOrEager
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    model = _Quadratic()
+    wrapped = CompiledOrEager(model)
+    monkeypatch.setattr(wrapped, "compiled", broken)
+    with caplog.at_level(logging.WARNING):
+        out = wrapped(None)
+        out = wrapped(None)
+    assert torch.equal(out["w"], model.w) and wrapped.failed
+    assert caplog.text.count("torch.compile failed (RuntimeError: no C++ compiler found)") == 1
+    assert list(wrapped.module.state_dict()) == ["w"]

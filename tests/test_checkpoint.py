@@ -101,3 +101,10 @@ def test_save_on_master_writes_atomically_on_the_main_process(tmp_path):
     save_on_master({"model": {"w": torch.ones(1)}}, tmp_path / "x.pth")
     assert torch.load(tmp_path / "x.pth", weights_only=True)["model"]["w"].item() == 1.0
     assert os.listdir(tmp_path) == ["x.pth"]
+
+
+def test_resuming_from_a_file_still_being_written_is_refused(tmp_path):
+    tmp = tmp_path / ".checkpoint.pth.1234.abcd1234.tmp"
+    tmp.write_bytes(b"partial")
+    with pytest.raises(ValueError, match=r"temporary file that another process is still writing.*checkpoint.pth"):
+        load_checkpoint(str(tmp))

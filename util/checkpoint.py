@@ -50,10 +50,16 @@ def load_checkpoint(path_or_url: str) -> dict:
         else:
             if not os.path.isfile(path_or_url):
                 raise FileNotFoundError(f"checkpoint {path_or_url!r} does not exist")
+            name = os.path.basename(path_or_url)
+            if name.startswith(".") and name.endswith(".tmp"):
+                final = os.path.join(os.path.dirname(path_or_url), name[1:].split(".pth.", 1)[0] + ".pth")
+                raise ValueError(f"checkpoint {path_or_url!r} is a temporary file that another process is still "
+                                 f"writing (or left by a crash); resume from {final} once it is complete")
             try:
                 ckpt = torch.load(path_or_url, map_location="cpu", weights_only=True)
             except Exception as err:
-                raise RuntimeError(f"checkpoint {path_or_url!r} could not be read: {err}") from err
+                raise RuntimeError(f"checkpoint {path_or_url!r} could not be read: {err} (if another job is writing "
+                                   f"it without an atomic rename, wait until it is complete)") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"checkpoint {path_or_url!r}: expected a dict with a 'model' state dict, got {keys}")

@@ -98,7 +98,7 @@ def build_loaders(args):
         if not drop_last:
             logger.warning("the training split (%d images) is smaller than one batch (%d): keeping the partial batch",
                            len(dataset_train), args.batch_size * get_world_size())
-        if args.aspect_ratio_grouping:  # less padding: portrait and landscape images in batches of their own
+        if args.aspect_ratio_grouping:  # less padding: images of similar aspect ratio in batches of their own
             batch_sampler = GroupedBatchSampler(sampler_train, aspect_ratio_groups(dataset_train), args.batch_size,
                                                 drop_last=drop_last)
         else:

@@ -1,12 +1,13 @@
 """Batching images of similar shape together, so that fewer pixels of a padded batch are padding."""
+import bisect
 from typing import Iterator, Sequence
 
 import torch.utils.data
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches of ``batch_size`` indices from ``sampler``, each batch drawn from one group (e.g. landscape vs
-    portrait images), in the sampler's order otherwise (as Detectron2's aspect-ratio grouping does).
+    """Batches of ``batch_size`` indices from ``sampler``, each batch drawn from one group (e.g. images of similar
+    aspect ratio), in the sampler's order otherwise (as torchvision's detection references and Detectron2 group).
 
     Indices left over in partly filled groups at the end are batched together, mixed; with ``drop_last`` a final
     incomplete batch is dropped. Either way there are exactly as many batches as a plain BatchSampler gives.
@@ -40,12 +41,15 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
-def aspect_ratio_groups(dataset) -> list[int]:
-    """0 for portrait, 1 for landscape images of a COCO-format dataset (from the annotation file's sizes, without
-    opening the images); through torch Subsets too."""
+def aspect_ratio_groups(dataset, k: int = 3) -> list[int]:
+    """Group ids by aspect ratio (width / height) for a COCO-format dataset, from the annotation file's sizes
+    (images are not opened); through torch Subsets too. The bins are 2 ** linspace(-1, 1, 2k + 1), as torchvision's
+    detection references use: with k = 3 ratios split at 0.5, 0.63, 0.79, 1, 1.26, 1.59, 2."""
     indices = list(range(len(dataset)))
     while isinstance(dataset, torch.utils.data.Subset):
         indices = [dataset.indices[i] for i in indices]
         dataset = dataset.dataset
     images = dataset.coco.imgs
-    return [int(images[dataset.ids[i]]["width"] >= images[dataset.ids[i]]["height"]) for i in indices]
+    ratios = [images[dataset.ids[i]]["width"] / images[dataset.ids[i]]["height"] for i in indices]
+    edges = [2 ** (j / k) for j in range(-k, k + 1)]
+    return [bisect.bisect_right(edges, r) for r in ratios]

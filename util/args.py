@@ -100,7 +100,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop_size", default=[384, 600], type=int, nargs=2,
                         help="min and max side of the random crop")
     parser.add_argument("--aspect_ratio_grouping", action="store_true",
-                        help="batch portrait and landscape training images separately (less padding, less compute; "
+                        help="batch training images of similar aspect ratio together (less padding, less compute; "
                              "the original mixes them)")
 
     parser.add_argument("--output_dir", default="", help="path where to save, empty for no saving")

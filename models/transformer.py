@@ -136,7 +136,9 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.activation = _get_activation_fn(activation)
         self.normalize_before = normalize_before
-        # False: attention through scaled_dot_product_attention (fused, no weights); see capture_attention
+        # In eval mode attention runs through scaled_dot_product_attention (fused, no weights) unless weights are
+        # asked for (capture_attention). Training keeps the original's explicit softmax: the fused CPU kernel's
+        # backward loses precision when attention logits get large, and diverged where the explicit one trains.
         self.need_weights = False
 
     def _ffn(self, x: Tensor) -> Tensor:
@@ -149,11 +151,11 @@ class TransformerEncoderLayer(nn.Module):
             q = k = _with_pos(src2, pos)
             src = src + self.dropout1(self.self_attn(q, k, value=src2, attn_mask=src_mask,
                                                      key_padding_mask=src_key_padding_mask,
-                                                     need_weights=self.need_weights)[0])
+                                                     need_weights=self.need_weights or self.training)[0])
             return src + self.dropout2(self._ffn(self.norm2(src)))
         q = k = _with_pos(src, pos)
         src2 = self.self_attn(q, k, value=src, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
-                              need_weights=self.need_weights)[0]
+                              need_weights=self.need_weights or self.training)[0]
         src = self.norm1(src + self.dropout1(src2))
         return self.norm2(src + self.dropout2(self._ffn(src)))
 
@@ -177,7 +179,9 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.activation = _get_activation_fn(activation)
         self.normalize_before = normalize_before
-        # False: attention through scaled_dot_product_attention (fused, no weights); see capture_attention
+        # In eval mode attention runs through scaled_dot_product_attention (fused, no weights) unless weights are
+        # asked for (capture_attention). Training keeps the original's explicit softmax: the fused CPU kernel's
+        # backward loses precision when attention logits get large, and diverged where the explicit one trains.
         self.need_weights = False
 
     def _ffn(self, x: Tensor) -> Tensor:
@@ -192,19 +196,20 @@ class TransformerDecoderLayer(nn.Module):
             q = k = _with_pos(tgt2, query_pos)
             tgt = tgt + self.dropout1(self.self_attn(q, k, value=tgt2, attn_mask=tgt_mask,
                                                      key_padding_mask=tgt_key_padding_mask,
-                                                     need_weights=self.need_weights)[0])
+                                                     need_weights=self.need_weights or self.training)[0])
             tgt2 = self.norm2(tgt)
             tgt = tgt + self.dropout2(self.multihead_attn(
                 query=_with_pos(tgt2, query_pos), key=_with_pos(memory, pos), value=memory,
-                attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask, need_weights=self.need_weights)[0])
+                attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask,
+                need_weights=self.need_weights or self.training)[0])
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         q = k = _with_pos(tgt, query_pos)
         tgt2 = self.self_attn(q, k, value=tgt, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
-                              need_weights=self.need_weights)[0]
+                              need_weights=self.need_weights or self.training)[0]
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = self.multihead_attn(query=_with_pos(tgt, query_pos), key=_with_pos(memory, pos), value=memory,
                                    attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask,
-                                   need_weights=self.need_weights)[0]
+                                   need_weights=self.need_weights or self.training)[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
 

@@ -20,19 +20,22 @@ class DETR(nn.Module):
     """Backbone + transformer + prediction heads for set-based object detection.
 
     ``num_classes`` counts the object classes, *without* the no-object class the class head adds.
-    ``spatial_prior`` (``models.spatial_prior.SpatialPrior``) is an optional convergence aid for training from
-    scratch; the published DETR has none.
+    Two optional convergence aids for training from scratch, not in the published DETR: ``spatial_prior``
+    (``models.spatial_prior.SpatialPrior``), and ``query_groups`` > 1 (Group DETR, Chen et al. 2022): in training
+    the decoder also runs ``query_groups - 1`` extra copies of the queries (their own embeddings, attending only
+    within their group), each matched to the targets on its own ('group_outputs'); inference uses the first group.
     """
 
     def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
-                 aux_loss: bool = False, spatial_prior: Optional[SpatialPrior] = None):
+                 aux_loss: bool = False, spatial_prior: Optional[SpatialPrior] = None, query_groups: int = 1):
         super().__init__()
         self.num_queries = num_queries
+        self.query_groups = query_groups
         self.transformer = transformer
         hidden_dim = transformer.d_model
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries * query_groups, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
@@ -49,16 +52,30 @@ class DETR(nn.Module):
         Returns a dict with
         - 'pred_logits': [B, num_queries, num_classes + 1] classification logits (last = no object);
         - 'pred_boxes': [B, num_queries, 4] (cx, cy, w, h) normalised by the (unpadded) image size;
-        - 'aux_outputs' (with aux_loss): a list with the same two keys for every decoder layer but the last.
+        - 'aux_outputs' (with aux_loss): a list with the same two keys for every decoder layer but the last;
+        - 'group_outputs' (training with query_groups > 1): the same dict for each extra query group.
         """
         if isinstance(samples, (list, Tensor)):
             samples = nested_tensor_from_tensor_list(samples)
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
         assert mask is not None
-        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1],
-                              self.cross_attention_bias(mask))[0]  # [num_dec_layers, B, Q, C]
-        return self.predict(hs)
+        groups = self.query_groups if self.training else 1
+        queries = self.query_embed.weight[: self.num_queries * groups]
+        bias = self.cross_attention_bias(mask)
+        query_mask: Optional[Tensor] = None
+        if groups > 1:
+            if bias is not None:
+                bias = bias.repeat(1, groups, 1)
+            group = torch.arange(self.num_queries * groups, device=mask.device) // self.num_queries
+            query_mask = group[:, None] != group[None, :]  # queries attend within their own group only
+        hs = self.transformer(self.input_proj(src), mask, queries, pos[-1], bias,
+                              query_mask)[0]  # [num_dec_layers, B, Q * groups, C]
+        out = self.predict(hs[:, :, : self.num_queries])
+        if groups > 1:
+            q = self.num_queries
+            out["group_outputs"] = [self.predict(hs[:, :, g * q: (g + 1) * q]) for g in range(1, groups)]
+        return out
 
     def cross_attention_bias(self, mask: Tensor) -> Optional[Tensor]:
         """The spatial prior's [B, Q, H*W] decoder cross-attention bias; None for the published model."""
@@ -191,6 +208,11 @@ class SetCriterion(nn.Module):
         """outputs: the model's output dict; targets: one dict per image with 'labels' [n] and 'boxes' [n, 4]
         ((cx, cy, w, h) normalised), plus 'masks' [n, H, W] for the mask losses.
         Returns the unweighted losses; aux-layer losses get the suffix ``_{i}``."""
+        if "group_outputs" in outputs:
+            # query groups (a convergence aid): each group is matched and supervised on its own; losses averaged
+            groups = [{k: v for k, v in outputs.items() if k != "group_outputs"}] + outputs["group_outputs"]
+            per_group = [self(group, targets) for group in groups]
+            return {k: sum(losses[k] for losses in per_group) / len(per_group) for k in per_group[0]}
         self._check_targets(targets)
         outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         aux_outputs = outputs.get("aux_outputs", [])
@@ -304,7 +326,7 @@ def build(args):
     transformer = build_transformer(args)
     spatial_prior = SpatialPrior(args.num_queries) if getattr(args, "spatial_prior", False) else None
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
-                 aux_loss=args.aux_loss, spatial_prior=spatial_prior)
+                 aux_loss=args.aux_loss, spatial_prior=spatial_prior, query_groups=getattr(args, "query_groups", 1))
     if args.masks:
         if getattr(args, "backbone_last_layer", "layer4") != "layer4":
             raise ValueError("--masks needs the full backbone (--backbone_last_layer layer4)")

@@ -52,7 +52,8 @@ class DETRsegm(nn.Module):
         assert mask is not None
         bs = src.shape[0]
         src_proj = detr.input_proj(src)
-        hs, memory = detr.transformer(src_proj, mask, detr.query_embed.weight, pos[-1],
+        # one query group: the mask head is trained on the first (DETR's own) queries
+        hs, memory = detr.transformer(src_proj, mask, detr.query_embed.weight[: detr.num_queries], pos[-1],
                                       detr.cross_attention_bias(mask))
         out = detr.predict(hs)
 

@@ -41,11 +41,13 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
-                cross_attn_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                cross_attn_bias: Optional[Tensor] = None, query_attn_mask: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor]:
         """
         src: [B, C, H, W] projected features; mask: [B, H, W] True on padding;
         query_embed: [Q, C] learned queries; pos_embed: [B, C, H, W];
-        cross_attn_bias: optional [B, Q, H*W] added to every decoder cross-attention logit.
+        cross_attn_bias: optional [B, Q, H*W] added to every decoder cross-attention logit;
+        query_attn_mask: optional [Q, Q] bool, True where a query may not attend to another (decoder self-attention).
         Returns hs [num_dec_layers (or 1), B, Q, C] and memory [B, C, H, W].
         """
         bs, c, h, w = src.shape
@@ -65,8 +67,8 @@ class Transformer(nn.Module):
 
         tgt = torch.zeros_like(query_embed)
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
-        hs = self.decoder(tgt, memory, memory_mask=memory_mask, memory_key_padding_mask=memory_key_padding_mask,
-                          pos=pos_embed, query_pos=query_embed)
+        hs = self.decoder(tgt, memory, tgt_mask=query_attn_mask, memory_mask=memory_mask,
+                          memory_key_padding_mask=memory_key_padding_mask, pos=pos_embed, query_pos=query_embed)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).view(bs, c, h, w)
 
 

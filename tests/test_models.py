@@ -371,3 +371,33 @@ def test_folded_frozen_batch_norm_and_channels_last_equal_the_plain_trunk(overri
     for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_query_groups_train_every_group_and_infer_with_the_first():
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(tiny_args(query_groups=3, spatial_prior=True))
+    assert model.query_embed.weight.shape == (15, 32)
+    samples = _two_images()
+    targets = [{"labels": torch.tensor([0, 3]), "boxes": torch.tensor([[.3, .3, .2, .2], [.6, .7, .3, .4]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[.5, .5, .5, .5]])}]
+    model.train()
+    out = model(samples)
+    assert len(out["group_outputs"]) == 2 and out["pred_logits"].shape == (2, 5, 5)
+    losses = criterion(out, targets)
+    # the average over the groups of each group's own losses
+    per_group = [criterion({k: v for k, v in out.items() if k != "group_outputs"}, targets)]
+    per_group += [criterion(g, targets) for g in out["group_outputs"]]
+    for k in ("loss_ce", "loss_bbox", "loss_giou_0"):
+        torch.testing.assert_close(losses[k], sum(p[k] for p in per_group) / 3)
+    sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
+    assert model.query_embed.weight.grad[5:].abs().sum() > 0  # the extra groups' queries learn
+    # the first group alone equals a model without the extra queries (they attend within their group only)
+    single, _, _ = build_model(tiny_args(spatial_prior=True))
+    state = model.state_dict()
+    state["query_embed.weight"] = state["query_embed.weight"][:5]
+    single.load_state_dict(state)
+    single.train()
+    torch.testing.assert_close(single(samples)["pred_boxes"], out["pred_boxes"], atol=1e-5, rtol=0)
+    model.eval()
+    assert "group_outputs" not in model(samples)
+    _assert_scripted_equal(model, samples)

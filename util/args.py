@@ -62,6 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pre_norm", action="store_true", help="pre-norm transformer layers")
     parser.add_argument("--pos_at_input", action="store_true",
                         help="also add the positional encoding to the encoder input (convergence aid)")
+    parser.add_argument("--query_groups", default=1, type=int,
+                        help="train with this many groups of queries, each matched on its own (Group DETR; a "
+                             "convergence aid, 1 = the original); inference uses the first group")
     parser.add_argument("--spatial_prior", action="store_true",
                         help="per-query reference points with a Gaussian cross-attention prior, SMCA-style "
                              "(convergence aid for training from scratch; not the published DETR)")

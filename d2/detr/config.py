@@ -119,4 +119,5 @@ NOT_IN_CONFIG = {
     "train_backbone_stem": "convergence aid of main.py's synthetic recipe; Detectron2: MODEL.BACKBONE.FREEZE_AT 0",
     "pos_at_input": "convergence aid of main.py's synthetic recipe, not built by the wrapper",
     "spatial_prior": "convergence aid of main.py's synthetic recipe, not built by the wrapper",
+    "query_groups": "convergence aid of main.py's synthetic recipe, not built by the wrapper",
 }

@@ -310,6 +310,29 @@ def test_hub_models_are_labelled_with_coco_names(data):
         P.Predictor.from_hub("detr_resnet18")
 
 
+def test_published_checkpoint_gets_coco_names_and_its_class_count(tmp_path, data):
+    """A checkpoint shaped like the original's (argparse.Namespace args without num_classes), under its published
+    file name: the class count comes from its class head, the names are COCO's."""
+    import argparse
+
+    import hubconf
+
+    torch.manual_seed(0)
+    path = tmp_path / "detr-r50-e632da11.pth"
+    torch.save({"model": hubconf.detr_resnet50().state_dict(),
+                "args": argparse.Namespace(backbone="resnet50", dataset_file="coco", masks=False, lr=1e-4)}, path)
+    predictor = P.Predictor.from_checkpoint(str(path), device="cpu", val_size=64, max_size=100)
+    assert predictor.model.class_embed.out_features == 92
+    assert predictor.category_names == P.COCO_CATEGORY_NAMES
+    pred = predictor(sorted((data / "val2017").glob("*.jpg"))[0], score_threshold=0.0)[0]
+    assert len(pred.names) == 100
+
+
+def test_progress_bar_on_folders(data, checkpoint, capsys):
+    P.Predictor.from_checkpoint(str(checkpoint), device="cpu")(data / "val2017", progress=True)
+    assert "4/4" in capsys.readouterr().err
+
+
 def test_output_names_and_image_ids():
     assert P.output_names(["a/x.jpg", "b/x.png", "c/y.jpg"]) == ["a_x", "b_x", "y"]
     assert P.output_names(["a/x.jpg", "a/x.png"]) == ["a_x", "a_x_2"]

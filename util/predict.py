@@ -292,7 +292,7 @@ class Predictor:
     their ids, said once). ``thing_ids``: for a mask model, the category ids that are things; with them the
     predictions also get a panoptic segmentation (``panoptic_threshold``: minimum class confidence of a segment,
     0.85 as the original). ``val_size`` / ``max_size``: the evaluation resize. ``amp``: 'off', 'bf16' or 'fp16'
-    (autocast around the forward pass).
+    (autocast around the forward pass). The model is moved to ``device`` and put in eval mode.
     """
 
     def __init__(self, model: nn.Module, category_names: CategoryNames = None,
@@ -385,8 +385,9 @@ class Predictor:
     def names_of(self, labels: Iterable[int]) -> List[str]:
         if self.category_names is None:
             if not self._said_numeric:
-                logger.warning("category names unknown (the checkpoint has none): predictions are labelled with "
-                               "their category ids; pass category names (--categories coco|coco_panoptic|FILE.json)")
+                logger.warning("category names unknown (none in the checkpoint, none given): predictions are labelled "
+                               "with their category ids; to name them pass --categories coco|coco_panoptic|FILE.json "
+                               "(category_names= in Python)")
                 self._said_numeric = True
             return [str(int(label)) for label in labels]
         return [self.category_names.get(int(label), str(int(label))) for label in labels]

@@ -47,24 +47,27 @@ def _image_axes(width: int, height: int, min_side: int = 480, max_side: int = 13
     return fig, ax
 
 
-def _label(ax, x: float, y: float, text: str, colour, fontsize: float = 9, below: bool = False) -> None:
-    """A label on a coloured background with its lower left corner at (x, y) (upper left with ``below``)."""
-    ax.text(x, y, text, fontsize=fontsize, color="white", va="top" if below else "bottom", ha="left", clip_on=True,
+def _label(ax, x: float, y: float, text: str, colour, fontsize: float = 9, below: bool = False,
+           right: bool = False) -> None:
+    """A label on a coloured background with its lower left corner at (x, y) (upper with ``below``, right with
+    ``right``)."""
+    ax.text(x, y, text, fontsize=fontsize, color="white", va="top" if below else "bottom",
+            ha="right" if right else "left", clip_on=True,
             bbox=dict(facecolor=colour, alpha=0.75, pad=1.5, edgecolor="none"))
 
 
 def draw_boxes(ax, prediction, indices: Optional[Sequence[int]] = None, labels: bool = True) -> None:
     """Boxes (with 'name score' labels) of the detections ``indices`` (default: all) on ``ax``."""
     indices = range(len(prediction.scores)) if indices is None else indices
-    height = prediction.size[0]
+    height, width = prediction.size
     for k in indices:
         x0, y0, x1, y1 = prediction.boxes[k].tolist()
         colour = _colour(prediction.labels[k])
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=2))
         if labels:
-            # a box touching the top of the image gets its label inside
-            _label(ax, x0, y0, f"{prediction.names[k]} {float(prediction.scores[k]):.2f}", colour,
-                   below=y0 < 0.06 * height)
+            # a box touching the top of the image gets its label inside; one near the right edge, right-aligned
+            _label(ax, x1 if x0 > 0.6 * width else x0, y0, f"{prediction.names[k]} {float(prediction.scores[k]):.2f}",
+                   colour, below=y0 < 0.06 * height, right=x0 > 0.6 * width)
 
 
 def _overlay(masks: np.ndarray, colours: Sequence[tuple], alpha: float) -> np.ndarray:

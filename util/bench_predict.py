@@ -122,7 +122,8 @@ def cpu_name() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
-    parser = argparse.ArgumentParser("python -m util.bench_predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser("python -m util.bench_predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", default=None, help="checkpoint (default: the synthetic recipe, random weights)")
     parser.add_argument("--num_images", default=100, type=int)
     parser.add_argument("--image_size", default=128, type=int, help="side of the generated synthetic images")

@@ -224,7 +224,8 @@ def compare(model: nn.Module, runner, cases: Optional[List[Tuple[Tensor, Tensor]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("python -m util.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser("python -m util.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--resume", help="checkpoint to export (path or URL; this repository's or the original's)")
     source.add_argument("--hub", help="published model by hub name (detr_resnet50, ...), from the torch hub cache "

@@ -602,7 +602,7 @@ def write_png(path: Path, data: bytes) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("python -m util.predict", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser("python -m util.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--resume", help="checkpoint to run (path or URL; this repository's or the original's)")

@@ -1,18 +1,16 @@
 """The two loops: one training epoch, and evaluation (losses + COCO metrics + panoptic quality)."""
-import contextlib
 import json
 import logging
 import math
-import tempfile
-from pathlib import Path
-from typing import Iterable, Iterator, Optional
+import os
+from typing import Iterable, Optional
 
 import torch
 
 from datasets import get_panoptic_files
 from datasets.coco_eval import CocoEvaluator
 from datasets.panoptic_eval import PanopticEvaluator, pq_log_stats
-from util.dist import get_world_size, reduce_dict
+from util.dist import reduce_dict
 from util.logger import MetricLogger, SmoothedValue
 
 logger = logging.getLogger(__name__)
@@ -120,28 +118,8 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     `coco_eval_backend`: 'auto', 'pycocotools' or 'hotcoco', see datasets.coco_eval), stats['coco_eval_masks']
     those of the masks, and stats['PQ_all'], ['PQ_th'], ['PQ_st'] panopticapi's {'pq', 'sq', 'rq', 'n'} of all,
     thing and stuff categories (fractions in [0, 1]), as the original logs them. The predicted panoptic PNGs and
-    their JSON go to `output_dir`/panoptic_eval.
+    their JSON go to `output_dir`/panoptic_eval (./panoptic_eval without an output_dir, as in the original).
     """
-    with _panoptic_folder(output_dir) as panoptic_dir:
-        return _evaluate(model, criterion, postprocessors, data_loader, base_ds, device, panoptic_dir, print_freq,
-                         coco_eval_backend)
-
-
-@contextlib.contextmanager
-def _panoptic_folder(output_dir: str) -> Iterator[Path]:
-    """`output_dir`/panoptic_eval; without an output_dir, a temporary folder for one process, and as the original,
-    ./panoptic_eval for several (their PNGs must meet in one folder)."""
-    if output_dir:
-        yield Path(output_dir) / "panoptic_eval"
-    elif get_world_size() > 1:
-        yield Path("panoptic_eval")
-    else:
-        with tempfile.TemporaryDirectory(prefix="panoptic_eval-") as tmp:
-            yield Path(tmp)
-
-
-def _evaluate(model, criterion, postprocessors, data_loader, base_ds, device, panoptic_dir: Path, print_freq: int,
-              coco_eval_backend: str) -> tuple[dict, Optional[CocoEvaluator]]:
     model.eval()
     criterion.eval()
     metric_logger = MetricLogger(delimiter="  ")
@@ -153,7 +131,8 @@ def _evaluate(model, criterion, postprocessors, data_loader, base_ds, device, pa
     panoptic_evaluator = None
     if "panoptic" in postprocessors:
         ann_file, ann_folder = get_panoptic_files(getattr(data_loader, "dataset", data_loader))
-        panoptic_evaluator = PanopticEvaluator(ann_file, ann_folder, output_dir=panoptic_dir)
+        panoptic_evaluator = PanopticEvaluator(ann_file, ann_folder,
+                                               output_dir=os.path.join(output_dir or "", "panoptic_eval"))
 
     for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
         samples = samples.to(device)

@@ -63,6 +63,8 @@ SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "cli
 ARCHITECTURE_FLAGS = ("backbone", "dilation", "backbone_norm", "backbone_last_layer", "position_embedding",
                       "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "pre_norm",
                       "num_queries", "pos_at_input", "spatial_prior", "num_classes")
+# the original's other names for the same choice
+FLAG_ALIASES = {"position_embedding": {"v2": "sine", "v3": "learned"}}
 # What --two_stage may not be combined with (each of them means one stage)
 ONE_STAGE_FLAGS = ("masks", "frozen_weights", "resume", "finetune", "eval")
 
@@ -150,6 +152,11 @@ def resume(args, model_without_ddp, optimizer, lr_scheduler) -> None:
     not_restored = [k for k in ("optimizer", "lr_scheduler", "epoch") if not any(r.startswith(k) for r in restored)]
     logger.info("Resumed from %s: restored %s%s", args.resume, ", ".join(restored),
                 f"; not restored: {', '.join(not_restored)}" if not_restored else "")
+    ckpt_args = checkpoint.get("args") or {}
+    for name in ("category_names", "thing_ids"):  # the checkpoint's categories should be this dataset's
+        if ckpt_args.get(name) is not None and ckpt_args[name] != getattr(args, name, None):
+            logger.warning("Resume: the checkpoint's %s %s differ from this dataset's %s", name, ckpt_args[name],
+                           getattr(args, name, None))
 
 
 def resume_schedule(args, ckpt_args: dict, optimizer, lr_scheduler) -> None:
@@ -197,7 +204,8 @@ def architecture_differences(ckpt_args: dict, args) -> list[str]:
         else:
             continue
         ours = getattr(args, name, None)
-        if theirs != ours:
+        aliases = FLAG_ALIASES.get(name, {})
+        if aliases.get(theirs, theirs) != aliases.get(ours, ours):
             differences.append(f"--{name}: checkpoint {theirs!r}, this run {ours!r}")
     return differences
 

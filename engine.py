@@ -1,12 +1,15 @@
-"""The two loops: one training epoch, and evaluation (losses + COCO metrics)."""
+"""The two loops: one training epoch, and evaluation (losses + COCO metrics + panoptic quality)."""
 import json
 import logging
 import math
+import os
 from typing import Iterable, Optional
 
 import torch
 
+from datasets import get_panoptic_files
 from datasets.coco_eval import CocoEvaluator
+from datasets.panoptic_eval import PanopticEvaluator, pq_log_stats
 from util.amp import autocast, to_float
 from util.dist import reduce_dict
 from util.logger import MetricLogger, SmoothedValue
@@ -121,11 +124,15 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: dict, data_loader: Iterable,
              base_ds, device: torch.device, output_dir: str, print_freq: int = 10, coco_eval_backend: str = "auto",
              amp: str = "off") -> tuple[dict, Optional[CocoEvaluator]]:
-    """Losses on the split plus COCO metrics for every post-processor ('bbox', 'segm').
+    """Losses on the split plus COCO metrics for every post-processor ('bbox', 'segm') and, with a 'panoptic'
+    post-processor, panoptic quality against the panoptic ground truth of ``data_loader.dataset``.
 
     Returns (stats, coco_evaluator); stats['coco_eval_bbox'] holds the 12 pycocotools numbers (computed by
-    `coco_eval_backend`: 'auto', 'pycocotools' or 'hotcoco', see datasets.coco_eval). ``amp`` runs the forward
-    under autocast; losses and post-processing stay fp32.
+    `coco_eval_backend`: 'auto', 'pycocotools' or 'hotcoco', see datasets.coco_eval), stats['coco_eval_masks']
+    those of the masks, and stats['PQ_all'], ['PQ_th'], ['PQ_st'] panopticapi's {'pq', 'sq', 'rq', 'n'} of all,
+    thing and stuff categories (fractions in [0, 1]), as the original logs them. The predicted panoptic PNGs and
+    their JSON go to `output_dir`/panoptic_eval (./panoptic_eval without an output_dir, as in the original).
+    ``amp`` runs the forward under autocast; losses and post-processing stay fp32.
     """
     model.eval()
     criterion.eval()
@@ -135,6 +142,11 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
 
     iou_types = tuple(k for k in ("segm", "bbox") if k in postprocessors)
     coco_evaluator = CocoEvaluator(base_ds, iou_types, backend=coco_eval_backend)
+    panoptic_evaluator = None
+    if "panoptic" in postprocessors:
+        ann_file, ann_folder = get_panoptic_files(getattr(data_loader, "dataset", data_loader))
+        panoptic_evaluator = PanopticEvaluator(ann_file, ann_folder,
+                                               output_dir=os.path.join(output_dir or "", "panoptic_eval"))
 
     for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
         samples = samples.to(device)
@@ -149,11 +161,18 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
         metric_logger.update(class_error=loss_dict_reduced["class_error"])
 
         orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
+        target_sizes = torch.stack([t["size"] for t in targets], dim=0)
         results = postprocessors["bbox"](outputs, orig_target_sizes)
         if "segm" in postprocessors:
-            target_sizes = torch.stack([t["size"] for t in targets], dim=0)
             results = postprocessors["segm"](results, outputs, orig_target_sizes, target_sizes)
         coco_evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
+        if panoptic_evaluator is not None:
+            res_pano = postprocessors["panoptic"](outputs, target_sizes, orig_target_sizes)
+            for t, r in zip(targets, res_pano):
+                image_id = int(t["image_id"])
+                r["image_id"] = image_id
+                r["file_name"] = f"{image_id:012d}.png"
+            panoptic_evaluator.update(res_pano)
 
     metric_logger.synchronize_between_processes()
     logger.info("Averaged stats: %s", metric_logger)
@@ -165,4 +184,7 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     for iou_type, key in (("bbox", "coco_eval_bbox"), ("segm", "coco_eval_masks")):
         if iou_type in iou_types:
             stats[key] = coco_evaluator.coco_eval[iou_type].stats.tolist()
+    if panoptic_evaluator is not None:
+        # computed on rank 0 from every process's PNGs; every process gets the result
+        stats.update(pq_log_stats(panoptic_evaluator.summarize()))
     return stats, coco_evaluator

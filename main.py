@@ -5,6 +5,10 @@ Copy-pasteable commands (run from the repository root):
     # the main job on the embedded synthetic data, CPU-sized (generates the data once)
     python main.py --dataset_file synthetic --output_dir runs/synthetic
 
+    # the second main job: panoptic segmentation on the same data, both stages (box model into runs/panoptic/box,
+    # then the mask head on it, frozen, into runs/panoptic)
+    python main.py --dataset_file synthetic_panoptic --output_dir runs/panoptic
+
     # COCO, 8 GPUs, as the original
     torchrun --nproc_per_node=8 main.py --coco_path /path/to/coco --output_dir runs/detr_r50
 
@@ -14,8 +18,15 @@ Copy-pasteable commands (run from the repository root):
 
     # continue a run where it stopped (its schedule is the checkpoint's unless a flag here overrides it)
     python main.py --coco_path /path/to/coco --output_dir runs/detr_r50 --resume runs/detr_r50/checkpoint.pth
+
+    # COCO panoptic, as the original: the box model, then the mask head on it, frozen
+    python main.py --dataset_file coco_panoptic --coco_path /path/to/coco --coco_panoptic_path /path/to/panoptic \
+        --output_dir runs/panoptic_box
+    python main.py --dataset_file coco_panoptic --coco_path /path/to/coco --coco_panoptic_path /path/to/panoptic \
+        --masks --frozen_weights runs/panoptic_box/checkpoint.pth --epochs 25 --lr_drop 15 --output_dir runs/panoptic
 """
 import argparse
+import copy
 import datetime
 import json
 import logging
@@ -31,6 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import datasets
 from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.panoptic_eval import require_panopticapi
 from datasets.samplers import GroupedBatchSampler, aspect_ratio_groups
 from engine import evaluate, train_one_epoch
 from models import build_model
@@ -50,6 +62,14 @@ logger = logging.getLogger(__name__)
 
 # What --resume restores beyond the weights; flags given on the command line may override it (see resume()).
 SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "clip_max_norm", "warmup_iters")
+# Flags that shape the box model: --frozen_weights must come from a model built with the same ones.
+ARCHITECTURE_FLAGS = ("backbone", "dilation", "backbone_norm", "backbone_last_layer", "position_embedding",
+                      "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "pre_norm",
+                      "num_queries", "pos_at_input", "spatial_prior", "num_classes")
+# the original's other names for the same choice
+FLAG_ALIASES = {"position_embedding": {"v2": "sine", "v3": "learned"}}
+# What --two_stage may not be combined with (each of them means one stage)
+ONE_STAGE_FLAGS = ("masks", "frozen_weights", "resume", "finetune", "eval")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -69,6 +89,21 @@ def check_args(args: argparse.Namespace) -> None:
     if args.finetune and (args.resume or args.frozen_weights):
         raise SystemExit("--finetune starts from a checkpoint's weights only; it cannot be combined with "
                          f"--{'resume' if args.resume else 'frozen_weights'} (use one of them)")
+    if args.masks and (args.hidden_dim % 128 or args.nheads % 8):
+        raise SystemExit(f"--masks: the mask head's GroupNorm(8) layers need --hidden_dim a multiple of 128 and "
+                         f"--nheads a multiple of 8 (got --hidden_dim {args.hidden_dim} --nheads {args.nheads})")
+    if args.two_stage:
+        one_stage = [f"--{name}" for name in ONE_STAGE_FLAGS if getattr(args, name)]
+        if one_stage and "two_stage" in (arguments.given_flags(args) or set()):
+            raise SystemExit(f"--two_stage trains both stages from scratch; it cannot be combined with "
+                             f"{', '.join(one_stage)} (run that stage alone)")
+        if not one_stage and not args.output_dir:
+            raise SystemExit("--two_stage needs --output_dir: stage 2 reads the box model from OUTPUT_DIR/box")
+
+
+def two_stages_apply(args: argparse.Namespace) -> bool:
+    """Whether this run is --two_stage: asked for (or the dataset's default) and not a single stage's run."""
+    return args.two_stage and not any(getattr(args, name) for name in ONE_STAGE_FLAGS)
 
 
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
@@ -129,6 +164,11 @@ def resume(args, model_without_ddp, optimizer, lr_scheduler, scaler=None) -> Non
     not_restored = [k for k in ("optimizer", "lr_scheduler", "epoch") if not any(r.startswith(k) for r in restored)]
     logger.info("Resumed from %s: restored %s%s", args.resume, ", ".join(restored),
                 f"; not restored: {', '.join(not_restored)}" if not_restored else "")
+    ckpt_args = checkpoint.get("args") or {}
+    for name in ("category_names", "thing_ids"):  # the checkpoint's categories should be this dataset's
+        if ckpt_args.get(name) is not None and ckpt_args[name] != getattr(args, name, None):
+            logger.warning("Resume: the checkpoint's %s %s differ from this dataset's %s", name, ckpt_args[name],
+                           getattr(args, name, None))
 
 
 def resume_schedule(args, ckpt_args: dict, optimizer, lr_scheduler) -> None:
@@ -162,6 +202,46 @@ def resume_schedule(args, ckpt_args: dict, optimizer, lr_scheduler) -> None:
         logger.info("Resume: learning rates now %s", [g["lr"] for g in optimizer.param_groups])
 
 
+def architecture_differences(ckpt_args: dict, args) -> list[str]:
+    """``ARCHITECTURE_FLAGS`` whose checkpoint value differs from this run's, in words. A flag the checkpoint's args
+    lack (the original's checkpoints predate ours) counts with the parser's default, which is the original's
+    architecture; num_classes is compared only when the checkpoint records it."""
+    defaults = vars(get_args_parser().parse_args([]))
+    differences = []
+    for name in ARCHITECTURE_FLAGS:
+        if ckpt_args.get(name) is not None:
+            theirs = ckpt_args[name]
+        elif name in defaults and defaults[name] is not None:
+            theirs = defaults[name]
+        else:
+            continue
+        ours = getattr(args, name, None)
+        aliases = FLAG_ALIASES.get(name, {})
+        if aliases.get(theirs, theirs) != aliases.get(ours, ours):
+            differences.append(f"--{name}: checkpoint {theirs!r}, this run {ours!r}")
+    return differences
+
+
+def load_frozen_box_model(args, model_without_ddp) -> None:
+    """--frozen_weights: a box model's checkpoint into ``model.detr`` (stage two of segmentation training). The
+    checkpoint's architecture flags must be this run's; an error lists those that differ and the keys that do not
+    fit."""
+    checkpoint = load_checkpoint(args.frozen_weights)
+    differences = architecture_differences(checkpoint.get("args") or {}, args)
+    problem = ""
+    try:
+        load_model_state(model_without_ddp.detr, checkpoint["model"], source=args.frozen_weights)
+    except ValueError as err:
+        problem = str(err)
+    if differences:
+        problem = "\n".join([f"--frozen_weights {args.frozen_weights} was trained with another architecture than "
+                              f"this run's; give this run the box model's flags:"] + [f"  {d}" for d in differences]
+                             + ([problem] if problem else []))
+    if problem:
+        raise ValueError(problem)
+    logger.info("Loaded the frozen box model from %s", args.frozen_weights)
+
+
 def load_initial_weights(args, model_without_ddp) -> None:
     """--frozen_weights (box model under a mask head), --finetune (weights only) or the backbone's own weights.
 
@@ -169,9 +249,7 @@ def load_initial_weights(args, model_without_ddp) -> None:
     broadcasts its parameters and buffers to the other processes when it wraps the model, as in the original.
     """
     if args.frozen_weights:
-        checkpoint = load_checkpoint(args.frozen_weights)
-        load_model_state(model_without_ddp.detr, checkpoint["model"], source=args.frozen_weights)
-        logger.info("Loaded the frozen box model from %s", args.frozen_weights)
+        load_frozen_box_model(args, model_without_ddp)
     elif args.finetune:
         checkpoint = load_checkpoint(args.finetune)
         skipped = load_model_state(model_without_ddp, checkpoint["model"], source=args.finetune,
@@ -234,6 +312,9 @@ def print_start(args, model_without_ddp) -> None:
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     logger.info("number of classes: %d (%s)", args.num_classes,
                 "--num_classes" if args.num_classes_given else f"from the {args.dataset_file} dataset")
+    if args.thing_ids is not None:
+        logger.info("categories: %d things, %d stuff (from the dataset)", len(args.thing_ids),
+                    len(args.category_names) - len(args.thing_ids))
     logger.info("trainable parameters: %d", n_parameters)
     logger.info("effective batch size: %d (%d per process x %d processes)", args.batch_size * get_world_size(),
                 args.batch_size, get_world_size())
@@ -258,11 +339,57 @@ def main(args: argparse.Namespace) -> dict:
     setup_logging()
     arguments.apply_dataset_recipe(args)
     check_args(args)
+    if two_stages_apply(args):
+        return train_two_stages(args)
+    if args.two_stage:  # the dataset's default does not apply to one stage's run (--masks, --eval, ...)
+        args.two_stage = False
+        args.defaults_applied.pop("two_stage", None)
     init_distributed_mode(args)
     try:
         return run(args)
     finally:
         destroy_distributed()
+
+
+def stage_args(args: argparse.Namespace, **overrides) -> argparse.Namespace:
+    """The arguments of one stage of --two_stage: the flags the user set, ``overrides``, and the rest back to the
+    parser's defaults so that ``main`` applies that stage's recipe (``util.args.MASK_STAGE_RECIPES`` for --masks)."""
+    defaults = vars(get_args_parser().parse_args([]))
+    stage = copy.deepcopy(args)
+    for name in args.defaults_applied or {}:
+        setattr(stage, name, copy.deepcopy(defaults[name]))
+    given = arguments.given_flags(args)
+    if given is None:  # a caller's Namespace: what differs from the defaults was set
+        given = {k for k, v in defaults.items() if getattr(stage, k, v) != v}
+    for name, value in overrides.items():
+        setattr(stage, name, value)
+    stage.explicit_flags = sorted(given | set(overrides))
+    stage.defaults_applied = None
+    return stage
+
+
+def train_two_stages(args: argparse.Namespace) -> dict:
+    """--two_stage: the box model into OUTPUT_DIR/box, then the mask head on it, frozen, into OUTPUT_DIR (the
+    original's two panoptic commands, in one). Returns stage two's stats."""
+    output_dir = Path(args.output_dir)
+    box_dir = output_dir / "box"
+    logger.info("Two stages: 1. the box model into %s; 2. the mask head on it, frozen, into %s", box_dir, output_dir)
+    main(stage_args(args, two_stage=False, output_dir=str(box_dir)))
+    logger.info("Stage 2: the mask head on the frozen box model %s", box_dir / "checkpoint.pth")
+    return main(stage_args(args, two_stage=False, masks=True, frozen_weights=str(box_dir / "checkpoint.pth")))
+
+
+def set_dataset_metadata(args: argparse.Namespace, dataset) -> None:
+    """``args.category_names`` {id: name} and, for a panoptic dataset, ``args.thing_ids`` (sorted ids of the thing
+    categories; None otherwise), from the dataset's own categories. Checkpoints carry them in their args, so the
+    panoptic post-processor and inference need no dataset code."""
+    args.category_names = datasets.get_category_names(dataset)
+    try:
+        is_thing_map = datasets.get_is_thing_map(dataset)
+    except TypeError:  # not a panoptic dataset
+        args.thing_ids = None
+    else:
+        args.thing_ids = sorted(k for k, is_thing in is_thing_map.items() if is_thing)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -281,7 +408,11 @@ def run(args: argparse.Namespace) -> dict:
     args.num_classes_given = args.num_classes is not None
     if args.num_classes is None:
         args.num_classes = datasets.default_num_classes(args)
+    loader_train, sampler_train, loader_val, dataset_val = build_loaders(args)
+    set_dataset_metadata(args, dataset_val)
     model, criterion, postprocessors = build_model(args)
+    if "panoptic" in postprocessors:
+        require_panopticapi()  # now, rather than after the first training epoch
     model.to(device)
     optimizer = build_optimizer(model, args)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
@@ -297,7 +428,7 @@ def run(args: argparse.Namespace) -> dict:
         model = CompiledOrEager(model)
     print_start(args, model_without_ddp)
 
-    loader_train, sampler_train, loader_val, dataset_val = build_loaders(args)
+    # for a panoptic dataset: the detection annotations of the same images, for box (and mask) AP, as the original
     base_ds = get_coco_api_from_dataset(dataset_val)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.eval:
@@ -340,6 +471,9 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
             ap, ap50 = test_stats["coco_eval_bbox"][:2]
             logger.info("epoch %d: bbox AP %.3f AP50 %.3f (%.1f min)", epoch, ap, ap50,
                         (time.time() - start_time) / 60)
+        if "PQ_all" in test_stats:
+            logger.info("epoch %d: PQ %.1f (things %.1f, stuff %.1f)", epoch,
+                        *(100 * test_stats[k]["pq"] for k in ("PQ_all", "PQ_th", "PQ_st")))
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     logger.info("Training time %s", total_time)

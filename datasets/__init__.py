@@ -34,7 +34,7 @@ def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
 def prepare(args) -> None:
     """Make sure the dataset's files exist before any process reads them: generates the synthetic data once (main.py
     calls this on one process per node first, see ``util.dist.local_main_first``). Nothing to do for COCO."""
-    if args.dataset_file == "synthetic":
+    if args.dataset_file in ("synthetic", "synthetic_panoptic"):
         from . import synthetic
 
         synthetic.dataset_root(args)

@@ -54,6 +54,11 @@ def _import_panopticapi():
     return panopticapi.evaluation
 
 
+def require_panopticapi() -> None:
+    """Raise ImportError, with how to install it, when panopticapi is missing (e.g. before a training starts)."""
+    _import_panopticapi()
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file, so a partial file never has the final name."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")

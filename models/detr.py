@@ -314,7 +314,8 @@ def build(args):
 
     ``args.num_classes`` must be set: the dataset owns its class count (main.py derives it when the user did not
     give --num_classes). With ``--masks`` on a panoptic dataset, ``args.thing_ids`` lists the category ids that
-    are things (the rest are stuff), also taken from the dataset.
+    are things (the rest are stuff), and ``args.category_names`` {id: name} the categories, also taken from the
+    dataset; a 'panoptic' post-processor is built whenever ``args.thing_ids`` is set.
     """
     num_classes = args.num_classes
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -339,12 +340,14 @@ def build(args):
     postprocessors = {"bbox": PostProcess()}
     if args.masks:
         postprocessors["segm"] = PostProcessSegm()
-        if args.dataset_file == "coco_panoptic":
-            thing_ids = getattr(args, "thing_ids", None)
+        thing_ids = getattr(args, "thing_ids", None)
+        if args.dataset_file == "coco_panoptic" or thing_ids is not None:
             if thing_ids is None:
                 raise ValueError("build_model: a panoptic model needs args.thing_ids, the category ids that are "
                                  "things (main.py takes them from the dataset's categories)")
             things = set(thing_ids)
-            is_thing_map = {i: i in things for i in range(num_classes + 1)}
+            # the dataset's categories when known (a class that is none of them makes no panoptic segment)
+            category_ids = getattr(args, "category_names", None) or range(num_classes + 1)
+            is_thing_map = {int(i): int(i) in things for i in category_ids}
             postprocessors["panoptic"] = PostProcessPanoptic(is_thing_map, threshold=0.85)
     return model, criterion, postprocessors

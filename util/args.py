@@ -70,6 +70,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(convergence aid for training from scratch; not the published DETR)")
     # * Segmentation
     parser.add_argument("--masks", action="store_true", help="train the segmentation head")
+    parser.add_argument("--two_stage", action=argparse.BooleanOptionalAction, default=False,
+                        help="train the box model into OUTPUT_DIR/box, then the mask head on it, frozen (--masks "
+                             "--frozen_weights OUTPUT_DIR/box/checkpoint.pth), into OUTPUT_DIR: the original's two "
+                             "commands in one, each stage with the dataset's recipe for it (on by default for "
+                             "synthetic_panoptic; --no-two_stage trains the box model only)")
 
     # Loss
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
@@ -87,7 +92,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="relative classification weight of the no-object class")
 
     # dataset parameters
-    parser.add_argument("--dataset_file", default="coco", help="coco, coco_panoptic or synthetic")
+    parser.add_argument("--dataset_file", default="coco",
+                        help="coco, coco_panoptic, synthetic or synthetic_panoptic")
     parser.add_argument("--coco_path", type=str, help="COCO-format folder (train2017/, val2017/, annotations/)")
     parser.add_argument("--coco_panoptic_path", type=str, help="COCO panoptic folder")
     parser.add_argument("--remove_difficult", action="store_true", help="(unused; kept for compatibility)")
@@ -169,8 +175,49 @@ SYNTHETIC_RECIPE: dict[str, Any] = {
     "num_workers": 0,
 }
 
-# --dataset_file -> the recipe its runs start from
-DATASET_RECIPES: dict[str, dict[str, Any]] = {"synthetic": SYNTHETIC_RECIPE}
+# --dataset_file synthetic_panoptic: both stages of panoptic training on the synthetic data, CPU-sized (see the
+# README). Stage 1, the box model: it predicts things (shapes) and stuff ('sky', 'ground'), whose boxes the panoptic
+# annotations hold. The mask head needs the full backbone (it reads layer1-3 beside the layer4 features the
+# transformer sees), hidden_dim a multiple of 128 and 8 heads (its GroupNorm(8) layers).
+SYNTHETIC_PANOPTIC_RECIPE: dict[str, Any] = {
+    "two_stage": True,
+    "backbone": "resnet18",
+    "backbone_weights": "none",
+    "hidden_dim": 128,
+    "enc_layers": 2,
+    "dec_layers": 2,
+    "dim_feedforward": 512,
+    "nheads": 8,
+    "num_queries": 16,
+    "dropout": 0.0,
+    "backbone_norm": "bn",
+    "train_backbone_stem": True,
+    "backbone_last_layer": "layer4",
+    "pos_at_input": True,
+    "spatial_prior": True,
+    "warmup_iters": 200,
+    "batch_size": 8,
+    "lr": 4e-4,
+    "lr_backbone": 4e-4,
+    "epochs": 8,
+    "lr_drop": 6,
+    "scales": [128],
+    "max_size": 160,
+    "val_size": 128,
+    "crop_scales": [],
+    "num_workers": 0,
+}
+# Stage 2 (--masks, on the frozen box model): what changes from stage 1
+SYNTHETIC_PANOPTIC_MASK_RECIPE: dict[str, Any] = {
+    "epochs": 3,
+    "lr_drop": 2,
+    "warmup_iters": 0,
+}
+
+# --dataset_file -> the recipe its runs start from; with --masks, MASK_STAGE_RECIPES on top of it
+DATASET_RECIPES: dict[str, dict[str, Any]] = {"synthetic": SYNTHETIC_RECIPE,
+                                              "synthetic_panoptic": SYNTHETIC_PANOPTIC_RECIPE}
+MASK_STAGE_RECIPES: dict[str, dict[str, Any]] = {"synthetic_panoptic": SYNTHETIC_PANOPTIC_MASK_RECIPE}
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -202,8 +249,8 @@ def given_flags(args: argparse.Namespace) -> Optional[set[str]]:
 
 
 def apply_dataset_recipe(args: argparse.Namespace) -> dict[str, Any]:
-    """Give every flag the user did not set the value of the dataset's recipe (``DATASET_RECIPES``); returns and
-    records in ``args.defaults_applied`` what was applied. Idempotent.
+    """Give every flag the user did not set the value of the dataset's recipe (``DATASET_RECIPES``, with ``--masks``
+    updated by ``MASK_STAGE_RECIPES``); returns and records in ``args.defaults_applied`` what was applied. Idempotent.
 
     Without ``args.explicit_flags`` a flag counts as set when its value differs from the parser's default, so
     ``main.main(get_args_parser().parse_args(['--dataset_file', 'synthetic']))`` gets the same recipe as the
@@ -211,7 +258,9 @@ def apply_dataset_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """
     if getattr(args, "defaults_applied", None) is not None:
         return args.defaults_applied
-    recipe = DATASET_RECIPES.get(args.dataset_file, {})
+    recipe = dict(DATASET_RECIPES.get(args.dataset_file, {}))
+    if getattr(args, "masks", False):
+        recipe.update(MASK_STAGE_RECIPES.get(args.dataset_file, {}))
     given = given_flags(args)
     if given is None:
         defaults = vars(get_args_parser().parse_args([]))

@@ -18,3 +18,11 @@ def test_plain_reference_is_the_unoptimised_path():
     assert not any(isinstance(m, _ConvFrozenBN) for m in plain.modules())
     assert not plain.backbone[0].channels_last and all(layer.need_weights for layer in plain.transformer.encoder.layers)
     assert list(plain.state_dict()) == list(model.state_dict())
+
+
+def test_segm_memory_benchmark_runs_every_variant(capsys):
+    from util import bench_segm
+
+    rows = bench_segm.main(["--num_queries", "4", "--height", "64", "--width", "64"])
+    assert [r["variant"] for r in rows] == list(bench_segm.VARIANTS)
+    assert all(r["peak_mib"] >= 0 for r in rows)

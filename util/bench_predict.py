@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional
 import PIL.Image
 import torch
 
+from util.amp import cpu_name
+
 logger = logging.getLogger(__name__)
 
 
@@ -109,16 +111,6 @@ def benchmark(checkpoint: Optional[str] = None, num_images: int = 100, image_siz
         rows.append({"variant": name, "images_per_s": rate, "ratio": rate / base,
                      "spread": (num_images / max(seconds), num_images / min(seconds))})
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:

@@ -329,8 +329,6 @@ def build(args):
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
                  aux_loss=args.aux_loss, spatial_prior=spatial_prior, query_groups=getattr(args, "query_groups", 1))
     if args.masks:
-        if getattr(args, "backbone_last_layer", "layer4") != "layer4":
-            raise ValueError("--masks needs the full backbone (--backbone_last_layer layer4)")
         model = DETRsegm(model, freeze_detr=(args.frozen_weights is not None))
     matcher = build_matcher(args)
     losses = ["labels", "boxes", "cardinality"] + (["masks"] if args.masks else [])

@@ -28,8 +28,12 @@ class DETRsegm(nn.Module):
                 p.requires_grad_(False)
         hidden_dim, nheads = detr.transformer.d_model, detr.transformer.nhead
         self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
-        # channels of layer3, layer2, layer1: [1024, 512, 256] for ResNet-50/101 as in the original
+        # channels of layer3, layer2, layer1: [1024, 512, 256] for ResNet-50/101 as in the original. With a backbone
+        # cut after layer3 (--backbone_last_layer layer3) the transformer's map is layer3 itself: the head then adds
+        # layer3 at its own resolution, then layer2 and layer1, and the masks still come out at 1/4 resolution.
         c = detr.backbone.num_channels
+        if _cut_after_layer3(detr.backbone):
+            c *= 2
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [c // 2, c // 4, c // 8], hidden_dim)
 
     def train(self, mode: bool = True) -> "DETRsegm":
@@ -62,6 +66,13 @@ class DETRsegm(nn.Module):
                                                          features[0].tensors])
         out["pred_masks"] = seg_masks.view(bs, detr.num_queries, seg_masks.shape[-2], seg_masks.shape[-1])
         return out
+
+
+def _cut_after_layer3(backbone: nn.Module) -> bool:
+    """Whether a Joiner's ResNet body ends at layer3 (its return_layers name no layer4)."""
+    body = backbone[0] if isinstance(backbone, nn.Sequential) and len(backbone) > 0 else backbone
+    return_layers = getattr(body, "return_layers", None)
+    return return_layers is not None and "layer3" in return_layers and "layer4" not in return_layers
 
 
 def _expand(tensor: Tensor, length: int) -> Tensor:

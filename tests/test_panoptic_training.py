@@ -215,7 +215,7 @@ def test_refused_before_anything_runs(data_dir, extra, message):
 def test_stage_arguments_take_each_stage_recipe():
     args = detr_main.parse_args(["--dataset_file", "synthetic_panoptic", "--output_dir", "out", "--epochs", "2"])
     arguments.apply_dataset_recipe(args)
-    assert args.two_stage and args.backbone_last_layer == "layer4"
+    assert args.two_stage and args.backbone_last_layer == "layer3"
     assert detr_main.two_stages_apply(args)
     box = detr_main.stage_args(args, two_stage=False, output_dir="out/box")
     arguments.apply_dataset_recipe(box)

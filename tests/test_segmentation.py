@@ -75,6 +75,21 @@ def test_detrsegm_forward_and_frozen_detr():
             assert p.grad is not None and torch.isfinite(p.grad).all(), n
 
 
+@pytest.mark.parametrize("last_layer", ["layer4", "layer3"])
+def test_mask_head_reads_layer3_2_1_whatever_the_last_layer(last_layer):
+    # with a backbone cut after layer3 (the synthetic recipes') the head adds layer3 at the transformer's own
+    # resolution; its layout, and the 1/4-resolution masks, are those of the full backbone
+    torch.manual_seed(0)
+    args = tiny_args(masks=True, hidden_dim=128, nheads=8, backbone_last_layer=last_layer)
+    model, _, _ = build_model(args)
+    shapes = {n: tuple(p.shape) for n, p in model.mask_head.named_parameters()}
+    assert shapes["adapter1.weight"][1] == 256 and shapes["adapter3.weight"][1] == 64  # resnet18's layer3, layer1
+    out = model([torch.rand(3, 64, 96), torch.rand(3, 80, 64)])
+    assert out["pred_masks"].shape == (2, 5, 20, 24)
+    out["pred_masks"].sum().backward()
+    assert model.mask_head.adapter1.weight.grad.abs().sum() > 0
+
+
 def test_panoptic_postprocessor_with_nothing_kept():
     post = PostProcessPanoptic({0: True, 1: False}, threshold=0.99)
     outputs = {"pred_logits": torch.zeros(1, 3, 3), "pred_masks": torch.randn(1, 3, 8, 8),

@@ -76,6 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "commands in one, each stage with the dataset's recipe for it (on by default for "
                              "synthetic_panoptic; --no-two_stage trains the box model only)")
 
+    parser.add_argument("--panoptic_threshold", default=0.85, type=float,
+                        help="panoptic post-processing: queries scoring at most this are left out of the panoptic "
+                             "segmentation (0.85, the original's)")
+
     # Loss
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
                         help="disable the auxiliary decoding losses (loss at each layer)")

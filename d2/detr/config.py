@@ -71,6 +71,7 @@ MAIN_PY_FLAGS = {
     "num_queries": ("MODEL.DETR.NUM_OBJECT_QUERIES", None),
     "pre_norm": ("MODEL.DETR.PRE_NORM", None),
     "masks": ("MODEL.MASK_ON", None),
+    "panoptic_threshold": ("MODEL.DETR.PANOPTIC_THRESHOLD", None),
     "aux_loss": ("MODEL.DETR.DEEP_SUPERVISION", None),
     "set_cost_class": ("MODEL.DETR.COST_CLASS", None),
     "set_cost_bbox": ("MODEL.DETR.COST_BBOX", None),

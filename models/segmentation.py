@@ -243,11 +243,17 @@ class PostProcessPanoptic(nn.Module):
 
     ``is_thing_map`` {category_id: is a thing} comes from the dataset's categories (``isthing`` in its panoptic
     JSON, ``datasets.get_is_thing_map``); queries whose class is not in it are dropped.
+
+    The masks cover the padded batch: with ``crop_padding`` (default) they are upsampled to the padded size and
+    cropped to each image. The original (``crop_padding=False``) upsampled them straight to the image's size,
+    which stretches the padding of a smaller image of the batch into it (the original's README evaluates
+    panoptic models with ``--batch_size 1``); for an image without padding both give the same PNG.
     """
 
-    def __init__(self, is_thing_map: dict[int, bool], threshold: float = 0.85):
+    def __init__(self, is_thing_map: dict[int, bool], threshold: float = 0.85, crop_padding: bool = True):
         super().__init__()
         self.threshold = threshold
+        self.crop_padding = crop_padding
         self.is_thing_map = is_thing_map
 
     @torch.no_grad()
@@ -262,6 +268,9 @@ class PostProcessPanoptic(nn.Module):
         if not (len(out_logits) == len(raw_masks) == len(target_sizes)):
             raise ValueError("PostProcessPanoptic: outputs and sizes differ in batch size")
         no_object = out_logits.shape[-1] - 1
+        # the masks cover the padded batch, whose size is the largest processed size (nested_tensor_from_tensor_list)
+        padded_h = max(_to_tuple(size)[0] for size in processed_sizes)
+        padded_w = max(_to_tuple(size)[1] for size in processed_sizes)
         preds = []
         for cur_logits, cur_masks, size, target_size in zip(out_logits, raw_masks, processed_sizes, target_sizes):
             scores, labels = cur_logits.softmax(-1).max(-1)
@@ -271,8 +280,13 @@ class PostProcessPanoptic(nn.Module):
             known = torch.tensor([label in self.is_thing_map for label in labels.tolist()], device=keep.device)
             keep &= known
             cur_scores, cur_classes = scores[keep], labels[keep]
-            cur_masks = F.interpolate(cur_masks[keep][:, None], _to_tuple(size), mode="bilinear",
-                                      align_corners=False).squeeze(1)
+            img_h, img_w = _to_tuple(size)
+            if self.crop_padding:
+                cur_masks = F.interpolate(cur_masks[keep][:, None], (padded_h, padded_w), mode="bilinear",
+                                          align_corners=False).squeeze(1)[:, :img_h, :img_w]
+            else:
+                cur_masks = F.interpolate(cur_masks[keep][:, None], (img_h, img_w), mode="bilinear",
+                                          align_corners=False).squeeze(1)
             h, w = cur_masks.shape[-2:]
             cur_masks = cur_masks.flatten(1)  # [n, h*w]
 

@@ -45,7 +45,7 @@ def test_golden_postprocess_segm():
 def test_golden_postprocess_panoptic():
     s = load_golden("segm_head.pth")
     p = s["panoptic"]
-    post = PostProcessPanoptic(p["is_thing_map"], threshold=p["threshold"])
+    post = PostProcessPanoptic(p["is_thing_map"], threshold=p["threshold"], crop_padding=False)
     preds = post(s["outputs"], p["processed_sizes"], p["target_sizes"])
     for pred, ref in zip(preds, p["results"]):
         png = np.asarray(Image.open(io.BytesIO(pred["png_string"])).convert("RGB"))
@@ -53,6 +53,28 @@ def test_golden_postprocess_panoptic():
         equal = (torch.from_numpy(png.copy()) == ref["png"]).all(-1).float().mean().item()
         assert equal >= 0.99
         assert pred["segments_info"] == ref["segments_info"]
+
+
+def test_panoptic_png_of_a_padded_image_equals_the_image_alone():
+    # the masks of a batch cover its padded size: an image smaller than the batch gets its own part of them
+    torch.manual_seed(0)
+    is_thing_map = {1: True, 2: True, 3: False}
+    logits = torch.zeros(2, 4, 5)  # classes 0-3, no-object 4
+    logits[:, torch.arange(4), torch.tensor([1, 2, 3, 4])] = 20.0  # queries: two things, a stuff, no-object
+    masks = torch.randn(2, 4, 16, 24)
+    batch = PostProcessPanoptic(is_thing_map, threshold=0.5)({"pred_logits": logits, "pred_masks": masks},
+                                                            [(64, 96), (40, 72)])
+    alone = PostProcessPanoptic(is_thing_map, threshold=0.5)(
+        {"pred_logits": logits[1:], "pred_masks": F.interpolate(masks[1:], size=(64, 96), mode="bilinear",
+                                                                 align_corners=False)[..., :40, :72]},
+        [(40, 72)])
+    png = [np.asarray(Image.open(io.BytesIO(p["png_string"])).convert("RGB")) for p in (batch[1], alone[0])]
+    assert png[0].shape == (40, 72, 3)
+    assert (png[0] == png[1]).all(-1).mean() > 0.97  # the same up to bilinear rounding at segment borders
+    original = PostProcessPanoptic(is_thing_map, threshold=0.5, crop_padding=False)(
+        {"pred_logits": logits, "pred_masks": masks}, [(64, 96), (40, 72)])
+    stretched = np.asarray(Image.open(io.BytesIO(original[1]["png_string"])).convert("RGB"))
+    assert (stretched == png[1]).all(-1).mean() < 0.9  # the original's stretched padding
 
 
 def test_detrsegm_forward_and_frozen_detr():

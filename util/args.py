@@ -214,8 +214,8 @@ SYNTHETIC_PANOPTIC_RECIPE: dict[str, Any] = {
 }
 # Stage 2 (--masks, on the frozen box model): what changes from stage 1
 SYNTHETIC_PANOPTIC_MASK_RECIPE: dict[str, Any] = {
-    "epochs": 3,
-    "lr_drop": 2,
+    "epochs": 6,
+    "lr_drop": 5,
     "warmup_iters": 0,
 }
 

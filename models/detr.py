@@ -61,7 +61,7 @@ class DETR(nn.Module):
         src, mask = features[-1].decompose()
         assert mask is not None
         groups = self.query_groups if self.training else 1
-        queries = self.query_embed.weight[: self.num_queries * groups]
+        queries = self.query_weights(groups)
         bias = self.cross_attention_bias(mask)
         query_mask: Optional[Tensor] = None
         if groups > 1:
@@ -76,6 +76,15 @@ class DETR(nn.Module):
             q = self.num_queries
             out["group_outputs"] = [self.predict(hs[:, :, g * q: (g + 1) * q]) for g in range(1, groups)]
         return out
+
+    def query_weights(self, groups: int) -> Tensor:
+        """The embeddings of the first ``groups`` query groups. The whole weight when that is all of it: a slice of
+        a parameter taken under no_grad still requires grad without a grad_fn, which trips autograd-hook users
+        such as FlopCounterMode."""
+        n = self.num_queries * groups
+        if n == self.query_embed.weight.shape[0]:
+            return self.query_embed.weight
+        return self.query_embed.weight[:n]
 
     def cross_attention_bias(self, mask: Tensor) -> Optional[Tensor]:
         """The spatial prior's [B, Q, H*W] decoder cross-attention bias; None for the published model."""

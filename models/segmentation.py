@@ -57,7 +57,7 @@ class DETRsegm(nn.Module):
         bs = src.shape[0]
         src_proj = detr.input_proj(src)
         # one query group: the mask head is trained on the first (DETR's own) queries
-        hs, memory = detr.transformer(src_proj, mask, detr.query_embed.weight[: detr.num_queries], pos[-1],
+        hs, memory = detr.transformer(src_proj, mask, detr.query_weights(1), pos[-1],
                                       detr.cross_attention_bias(mask))
         out = detr.predict(hs)
 

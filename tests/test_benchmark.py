@@ -26,3 +26,16 @@ def test_segm_memory_benchmark_runs_every_variant(capsys):
     rows = bench_segm.main(["--num_queries", "4", "--height", "64", "--width", "64"])
     assert [r["variant"] for r in rows] == list(bench_segm.VARIANTS)
     assert all(r["peak_mib"] >= 0 for r in rows)
+
+
+def test_flops_of_a_model_in_eval_mode_under_no_grad():
+    # FlopCounterMode's module hooks trip over a parameter slice taken under no_grad (requires grad, no grad_fn)
+    import torch
+
+    from conftest import tiny_args
+    from models import build_model
+
+    for overrides in ({}, {"masks": True, "hidden_dim": 128, "nheads": 8}):
+        model = build_model(tiny_args(**overrides))[0].eval()
+        with torch.no_grad():
+            assert benchmark.flops_of(lambda: model(torch.rand(1, 3, 64, 64))) > 0

@@ -61,7 +61,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     base = rows[0]["peak_mib"]
     print(f"{'variant':<45} {'peak rise MiB':>14} {'ratio':>7}")
     for row in rows:
-        print(f"{row['variant']:<45} {row['peak_mib']:>14.0f} {row['peak_mib'] / base:>7.2f}")
+        ratio = f"{row['peak_mib'] / base:>7.2f}" if base > 0 else f"{'-':>7}"  # tiny sizes: no measurable rise
+        print(f"{row['variant']:<45} {row['peak_mib']:>14.0f} {ratio}")
     return rows
 
 

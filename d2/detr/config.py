@@ -121,4 +121,6 @@ NOT_IN_CONFIG = {
     "pos_at_input": "convergence aid of main.py's synthetic recipe, not built by the wrapper",
     "spatial_prior": "convergence aid of main.py's synthetic recipe, not built by the wrapper",
     "query_groups": "convergence aid of main.py's synthetic recipe, not built by the wrapper",
+    "two_stage": "main.py runs both panoptic stages in one command; here run train_net.py twice, the second with "
+                 "MODEL.MASK_ON and MODEL.DETR.FROZEN_WEIGHTS",
 }

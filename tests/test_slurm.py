@@ -196,13 +196,18 @@ def _ckpt_epoch(path: Path) -> int:
         return -1
 
 
+# enough epochs (about 2 s each) that the time-limit signal reaches the requeued run before it ends: with 6, the run
+# sometimes finished first and Slurm marked the job FAILED when the signal came
+REQUEUE_EPOCHS = 20
+
+
 def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, data_dir, tmp_path):
     """A real 2-task Slurm job (CPU, gloo): requeued by the cluster after its first checkpoint (`scontrol
     requeue`, as a preemption: submitit's checkpoint() is not called), then sent the time-limit signal (USR2:
     checkpoint() requeues it); each run resumes from the output folder's checkpoint.pth and the epochs continue."""
     out = tmp_path / "out"
     proc = submit(["--nodes", "1", "--job_dir", str(tmp_path / "job" / "%j"), "--output_dir", str(out), "--coco_path",
-                   str(data_dir), "--epochs", "6"] + JOB + TINY)
+                   str(data_dir), "--epochs", str(REQUEUE_EPOCHS)] + JOB + TINY)
     job_id = re.search(r"Submitted job (\d+) \(slurm\)", proc.stdout).group(1)
     folder = tmp_path / "job" / job_id
     rank0_log = folder / f"{job_id}_0_log.out"
@@ -232,8 +237,8 @@ def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, data_dir, tmp_path
     # the epochs continue: never one twice, from 0 to the last (an epoch whose checkpoint was written just before
     # a requeue but whose evaluation was cut short has no log line)
     epochs = log_epochs(out)
-    assert epochs[0] == 0 and epochs[-1] == 5 and epochs == sorted(set(epochs)), epochs
-    assert _ckpt_epoch(out / "checkpoint.pth") == 5
+    assert epochs[0] == 0 and epochs[-1] == REQUEUE_EPOCHS - 1 and epochs == sorted(set(epochs)), epochs
+    assert _ckpt_epoch(out / "checkpoint.pth") == REQUEUE_EPOCHS - 1
     assert sorted(p.name for p in folder.glob("*_result.pkl")) == [f"{job_id}_0_result.pkl", f"{job_id}_1_result.pkl"]
 
 

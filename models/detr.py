@@ -356,5 +356,6 @@ def build(args):
             # the dataset's categories when known (a class that is none of them makes no panoptic segment)
             category_ids = getattr(args, "category_names", None) or range(num_classes + 1)
             is_thing_map = {int(i): int(i) in things for i in category_ids}
-            postprocessors["panoptic"] = PostProcessPanoptic(is_thing_map, threshold=getattr(args, "panoptic_threshold", 0.85))
+            postprocessors["panoptic"] = PostProcessPanoptic(
+                is_thing_map, threshold=getattr(args, "panoptic_threshold", 0.85))
     return model, criterion, postprocessors

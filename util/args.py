@@ -181,9 +181,9 @@ SYNTHETIC_RECIPE: dict[str, Any] = {
 
 # --dataset_file synthetic_panoptic: both stages of panoptic training on the synthetic data, CPU-sized (see the
 # README). Stage 1, the box model: it predicts things (shapes) and stuff ('sky', 'ground'), whose boxes the panoptic
-# annotations hold. The detection recipe's model and aids: the backbone ends at layer3 (stride 16: a stride-32 map of a 128 px
-# image is 4x5, too coarse for the shapes); the mask head reads layer3, layer2, layer1 and needs hidden_dim a
-# multiple of 128 and 8 heads (its GroupNorm(8) layers).
+# annotations hold. The detection recipe's model and aids: the backbone ends at layer3 (stride 16: a stride-32 map
+# of a 128 px image is 4x5, too coarse for the shapes); the mask head reads layer3, layer2, layer1 and needs
+# hidden_dim a multiple of 128 and 8 heads (its GroupNorm(8) layers).
 SYNTHETIC_PANOPTIC_RECIPE: dict[str, Any] = {
     "two_stage": True,
     **SYNTHETIC_RECIPE,

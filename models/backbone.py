@@ -162,14 +162,15 @@ class Backbone(BackboneBase):
     """A torchvision ResNet with frozen batch norm, randomly initialised (load weights explicitly).
 
     ``norm`` 'frozen_bn' (the original) or 'bn' (trainable BatchNorm, for training from scratch);
-    ``last_layer`` 'layer4' (stride 32, the original) or 'layer3' (stride 16); ``channels_last`` (default) runs
+    ``last_layer`` 'layer4' (stride 32, the original) or 'layer3' (stride 16); ``blocks`` > 0 keeps only that many
+    residual blocks per stage (0: all, the original); ``channels_last`` (default) runs
     the trunk on channels-last tensors: on CPU 0.8x the time of R50 inference at 800x1066 (with the folded norms,
     0.65x of the plain trunk; util/benchmark.py), no slower in training.
     """
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
                  norm: str = "frozen_bn", last_layer: str = "layer4", train_all_layers: bool = False,
-                 channels_last: bool = True):
+                 channels_last: bool = True, blocks: int = 0):
         if norm not in ("frozen_bn", "bn"):
             raise ValueError(f"Backbone: norm must be 'frozen_bn' or 'bn', got {norm!r}")
         if last_layer not in ("layer3", "layer4"):
@@ -178,6 +179,13 @@ class Backbone(BackboneBase):
         # Never downloads: weights=None; pretrained weights are loaded explicitly by load_backbone_weights.
         backbone = _build_resnet(name, weights=None, replace_stride_with_dilation=[False, False, dilation],
                                  norm_layer=norm_layer)
+        if blocks < 0:
+            raise ValueError(f"Backbone: blocks must be >= 0 (0: all), got {blocks}")
+        if blocks:
+            # a shallower trunk: each stage keeps its first `blocks` blocks (the first one strides and widens), and
+            # their state-dict keys (layerN.0, layerN.1, ...): ImageNet weights of the full ResNet still load
+            for i in range(1, 5):
+                setattr(backbone, f"layer{i}", getattr(backbone, f"layer{i}")[:blocks])
         layer4_channels = backbone.fc.in_features  # 512 for resnet18/34, 2048 for the bottleneck ResNets
         num_channels = layer4_channels if last_layer == "layer4" else layer4_channels // 2
         super().__init__(backbone, train_backbone, num_channels, return_interm_layers, last_layer, train_all_layers,
@@ -278,7 +286,8 @@ def build_backbone(args) -> Joiner:
     backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation,
                         norm=getattr(args, "backbone_norm", "frozen_bn"),
                         last_layer=getattr(args, "backbone_last_layer", "layer4"),
-                        train_all_layers=getattr(args, "train_backbone_stem", False))
+                        train_all_layers=getattr(args, "train_backbone_stem", False),
+                        blocks=getattr(args, "backbone_blocks", 0))
     model = Joiner(backbone, position_embedding)
     model.num_channels = backbone.num_channels
     return model

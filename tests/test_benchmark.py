@@ -39,3 +39,18 @@ def test_flops_of_a_model_in_eval_mode_under_no_grad():
         model = build_model(tiny_args(**overrides))[0].eval()
         with torch.no_grad():
             assert benchmark.flops_of(lambda: model(torch.rand(1, 3, 64, 64))) > 0
+
+
+def test_recipe_benchmark_compares_every_recipe_on_the_same_batches(tmp_path):
+    from datasets.synthetic import generate
+    from util import bench_recipe
+
+    generate(tmp_path / "data", num_train=16, num_val=2, seed=0)
+    text = bench_recipe.main(["--coco_path", str(tmp_path / "data"), "--flop_batches", "1", "--timed_steps", "1",
+                              "--repeats", "1"])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "x |" in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(bench_recipe.RECIPES)
+    assert rows[0].split(" | ")[4] == "1.000x"
+    # today's recipe: 6 decoder layers and a 1-block trunk, fewer FLOPs per iteration than the first
+    first, today = (float(r.split(" | ")[1]) for r in (rows[0], rows[-1]))
+    assert 0.4 < today / first < 0.7

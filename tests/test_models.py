@@ -202,6 +202,39 @@ def test_any_torchvision_resnet_is_a_backbone():
         Backbone("vgg16", train_backbone=True, return_interm_layers=False, dilation=False)
 
 
+def test_backbone_blocks_keeps_the_first_blocks_of_each_stage_and_loads_full_resnet_weights(tmp_path):
+    import torchvision
+
+    from models.backbone import Backbone
+
+    full = Backbone("resnet18", train_backbone=True, return_interm_layers=False, dilation=False)
+    short = Backbone("resnet18", train_backbone=True, return_interm_layers=False, dilation=False, blocks=1)
+    for i in range(1, 5):
+        assert len(getattr(full.body, f"layer{i}")) == 2 and len(getattr(short.body, f"layer{i}")) == 1
+    short_keys = set(short.body.state_dict())
+    assert short_keys < set(full.body.state_dict())
+    assert not any(k.startswith("layer1.1.") for k in short_keys)
+    assert short.num_channels == 512
+    x = nested_tensor_from_tensor_list([torch.rand(3, 64, 96)])
+    assert short(x)["0"].tensors.shape == full(x)["0"].tensors.shape == (1, 512, 2, 3)
+    # the full ResNet's (e.g. ImageNet) weights load into the shorter trunk: the kept blocks get theirs
+    resnet = torchvision.models.resnet18()
+    torch.save(resnet.state_dict(), tmp_path / "r18.pth")
+    load_backbone_weights(short, str(tmp_path / "r18.pth"))
+    assert torch.equal(short.body.layer3[0].conv1.weight, resnet.layer3[0].conv1.weight)
+    with pytest.raises(ValueError, match="blocks must be >= 0"):
+        Backbone("resnet18", train_backbone=True, return_interm_layers=False, dilation=False, blocks=-1)
+
+
+def test_backbone_blocks_is_an_architecture_flag():
+    import main
+
+    model, _, _ = build_model(tiny_args(backbone_blocks=1))
+    assert not any(".layer1.1." in k for k in model.state_dict())
+    differences = main.architecture_differences({"backbone_blocks": 1}, tiny_args(backbone_blocks=0))
+    assert any("--backbone_blocks: checkpoint 1, this run 0" in d for d in differences)
+
+
 def test_imagenet_weights_of_every_resnet_are_known():
     from models.backbone import _imagenet_url, resnet_names
 

@@ -117,6 +117,7 @@ NOT_IN_CONFIG = {
     "dist_url": "train_net.py --dist-url",
     "backbone_norm": "convergence aid of main.py's synthetic recipe; Detectron2: MODEL.RESNETS.NORM ('BN')",
     "backbone_last_layer": "convergence aid of main.py's synthetic recipe; Detectron2: MODEL.RESNETS.OUT_FEATURES",
+    "backbone_blocks": "compute aid of main.py's synthetic recipe (a shallower trunk), not built by the wrapper",
     "train_backbone_stem": "convergence aid of main.py's synthetic recipe; Detectron2: MODEL.BACKBONE.FREEZE_AT 0",
     "pos_at_input": "convergence aid of main.py's synthetic recipe, not built by the wrapper",
     "spatial_prior": "convergence aid of main.py's synthetic recipe, not built by the wrapper",

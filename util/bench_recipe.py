@@ -30,11 +30,9 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 
 
 def build(overrides: Dict[str, Any], coco_path: Optional[str] = None):
-    """(args, model, criterion, training loader) of the synthetic recipe with ``overrides``."""
-    from datasets import build_dataset
+    """(args, model, criterion) of the synthetic recipe with ``overrides``."""
     from models import build_model
     from util import args as arguments
-    from util.nested_tensor import collate_fn
 
     args = arguments.get_args_parser().parse_args(["--dataset_file", "synthetic"])
     recipe = copy.deepcopy(arguments.SYNTHETIC_RECIPE)
@@ -45,10 +43,7 @@ def build(overrides: Dict[str, Any], coco_path: Optional[str] = None):
     torch.manual_seed(0)
     model, criterion, _ = build_model(args)
     model.train()
-    dataset = build_dataset("train", args)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate_fn,
-                                         generator=torch.Generator().manual_seed(0), drop_last=True)
-    return args, model, criterion, loader
+    return args, model, criterion
 
 
 def step(model, criterion, samples, targets) -> None:
@@ -69,16 +64,24 @@ def main(argv: Optional[List[str]] = None) -> str:
                         help="a synthetic dataset folder (default: the one main.py generates and caches)")
     opts = parser.parse_args(argv)
 
+    from datasets import build_dataset
+    from util.nested_tensor import collate_fn
+
     built = {name: build(over, opts.coco_path) for name, over in RECIPES.items()}
-    first_loader = next(iter(built.values()))[3]
+    # the recipes share the data flags (batch size, image sizes): one loader, the same batches for all
+    reference = next(iter(built))
+    ref_args = built[reference][0]
+    loader = torch.utils.data.DataLoader(build_dataset("train", ref_args), batch_size=ref_args.batch_size,
+                                         shuffle=True, collate_fn=collate_fn, drop_last=True,
+                                         generator=torch.Generator().manual_seed(0))
     batches = []
-    for samples, targets in first_loader:
+    for samples, targets in loader:
         batches.append((samples, list(targets)))
         if len(batches) == max(opts.flop_batches, opts.timed_steps):
             break
 
     flops: Dict[str, float] = {}
-    for name, (_, model, criterion, _) in built.items():
+    for name, (_, model, criterion) in built.items():
         total = 0
         for samples, targets in batches[: opts.flop_batches]:
             counter = FlopCounterMode(display=False)
@@ -88,18 +91,16 @@ def main(argv: Optional[List[str]] = None) -> str:
         flops[name] = total / opts.flop_batches
 
     times: Dict[str, List[float]] = {name: [] for name in built}
-    for name, (_, model, criterion, _) in built.items():  # warm-up
+    for name, (_, model, criterion) in built.items():  # warm-up
         step(model, criterion, *batches[0])
     for _ in range(opts.repeats):
-        for name, (_, model, criterion, _) in built.items():
+        for name, (_, model, criterion) in built.items():
             for samples, targets in batches[: opts.timed_steps]:
                 start = time.perf_counter()
                 step(model, criterion, samples, targets)
                 times[name].append(time.perf_counter() - start)
 
-    reference = next(iter(built))
-    ref_args = built[reference][0]
-    ref_iters = len(built[reference][3]) * ref_args.epochs
+    ref_iters = len(loader) * ref_args.epochs
     ref_time = statistics.median(times[reference])
     lines = [f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; FLOPs on {opts.flop_batches} batches of "
              f"{ref_args.batch_size} (the same for every recipe), step time median of "
@@ -107,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> str:
              "| recipe | GFLOP/iter | iterations | run PFLOP | run compute vs first | s/step | step time vs first "
              "| steps x s/step (min) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, (args, _, _, loader) in built.items():
+    for name, (args, _, _) in built.items():
         iters = len(loader) * args.epochs
         run = flops[name] * iters
         median = statistics.median(times[name])

@@ -148,7 +148,7 @@ def resume(args, model_without_ddp, optimizer, lr_scheduler, scaler=None) -> Non
     """--resume: model, and unless --eval, optimizer, lr scheduler, epoch and schedule (and the fp16 gradient
     scaler); says what was restored."""
     checkpoint = load_checkpoint(args.resume)
-    load_model_state(model_without_ddp, checkpoint["model"], source=args.resume)
+    load_architecture(model_without_ddp, checkpoint, args, "--resume", args.resume, require_same=False)
     restored = ["model"]
     if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -223,23 +223,34 @@ def architecture_differences(ckpt_args: dict, args) -> list[str]:
     return differences
 
 
+def load_architecture(model, checkpoint: dict, args, flag: str, path: str, require_same: bool) -> None:
+    """Load ``checkpoint["model"]`` into ``model``. When that fails, or (``require_same``) when an architecture flag
+    differs, the error lists the ``ARCHITECTURE_FLAGS`` whose checkpoint value differs from this run's, then the
+    keys that do not fit; differences whose weights fit anyway are a warning."""
+    differences = architecture_differences(checkpoint.get("args") or {}, args)
+    problem = ""
+    try:
+        load_model_state(model, checkpoint["model"], source=path)
+    except ValueError as err:
+        problem = str(err)
+    if differences and (problem or require_same):
+        header = (f"{flag} {path} was trained with another architecture than this run's; give this run the "
+                  f"checkpoint's flags:")
+        problem = "\n".join([header] + [f"  {d}" for d in differences] + ([problem] if problem else []))
+    elif differences:
+        logger.warning("%s %s: the checkpoint was trained with other architecture flags (its weights fit this "
+                       "model): %s", flag, path, "; ".join(differences))
+    if problem:
+        raise ValueError(problem)
+
+
 def load_frozen_box_model(args, model_without_ddp) -> None:
     """--frozen_weights: a box model's checkpoint into ``model.detr`` (stage two of segmentation training). The
     checkpoint's architecture flags must be this run's; an error lists those that differ and the keys that do not
     fit."""
     checkpoint = load_checkpoint(args.frozen_weights)
-    differences = architecture_differences(checkpoint.get("args") or {}, args)
-    problem = ""
-    try:
-        load_model_state(model_without_ddp.detr, checkpoint["model"], source=args.frozen_weights)
-    except ValueError as err:
-        problem = str(err)
-    if differences:
-        problem = "\n".join([f"--frozen_weights {args.frozen_weights} was trained with another architecture than "
-                              f"this run's; give this run the box model's flags:"] + [f"  {d}" for d in differences]
-                             + ([problem] if problem else []))
-    if problem:
-        raise ValueError(problem)
+    load_architecture(model_without_ddp.detr, checkpoint, args, "--frozen_weights", args.frozen_weights,
+                      require_same=True)
     logger.info("Loaded the frozen box model from %s", args.frozen_weights)
 
 

@@ -191,6 +191,23 @@ def test_eval_resume_reproduces_the_logged_ap(trained, tmp_path):
     assert (tmp_path / "eval.pth").is_file()
 
 
+def test_resume_of_another_architecture_names_the_flags_that_differ(trained, tmp_path, caplog):
+    out, argv, _ = trained
+    ckpt = out / "checkpoint.pth"
+    assert torch.load(ckpt, weights_only=True)["args"]["backbone_blocks"] == 1  # the synthetic recipe's
+    argv = with_flag(argv, "--output_dir", tmp_path) + ["--eval", "--resume", str(ckpt)]
+    with pytest.raises(ValueError) as err:
+        run(argv + ["--backbone_blocks", "0"])
+    message = str(err.value)
+    assert f"--resume {ckpt} was trained with another architecture than this run's" in message
+    assert "--backbone_blocks: checkpoint 1, this run 0" in message
+    assert "checkpoint keys" in message or "model keys missing" in message  # then the keys that do not fit
+    # a difference the weights do not show (2 instead of 4 heads: same parameter shapes) loads, with a warning
+    with caplog.at_level(logging.WARNING):
+        run(with_flag(argv, "--nheads", 2))
+    assert "trained with other architecture flags (its weights fit this model): --nheads: checkpoint 4" in caplog.text
+
+
 def test_finetune_from_another_number_of_classes(trained, tmp_path, caplog):
     out, argv, _ = trained
     with caplog.at_level(logging.INFO):

@@ -52,7 +52,7 @@ from util.amp import grad_scaler, warn_if_emulated
 from util.args import get_args_parser  # noqa: F401  (main.get_args_parser, as in the original)
 from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from util.compile import CompiledOrEager
-from util.dist import (destroy_distributed, get_rank, get_world_size, init_distributed_mode, is_main_process,
+from util.dist import (barrier, destroy_distributed, get_rank, get_world_size, init_distributed_mode, is_main_process,
                        local_main_first)
 from util.git import get_sha
 from util.logger import setup_logging
@@ -358,7 +358,11 @@ def main(args: argparse.Namespace) -> dict:
         args.defaults_applied.pop("two_stage", None)
     init_distributed_mode(args)
     try:
-        return run(args)
+        stats = run(args)
+        # every process done before any tears down its group: a 2-process gloo test once aborted (SIGABRT) in the
+        # rank that left the last collective first; not on errors (a barrier would then wait for the failed rank)
+        barrier()
+        return stats
     finally:
         destroy_distributed()
 

@@ -25,6 +25,7 @@ def _worker(rank: int, port: int, out_dir: str, fn, extra):
     try:
         result = fn(rank, extra)
         torch.save(result, Path(out_dir) / f"rank{rank}.pth")
+        dist.barrier()  # both ranks done before either tears down (as main.main; once, one rank aborted in gloo)
     finally:
         dist.destroy_process_group()
 

@@ -281,12 +281,9 @@ class PostProcessPanoptic(nn.Module):
             keep &= known
             cur_scores, cur_classes = scores[keep], labels[keep]
             img_h, img_w = _to_tuple(size)
-            if self.crop_padding:
-                cur_masks = F.interpolate(cur_masks[keep][:, None], (padded_h, padded_w), mode="bilinear",
-                                          align_corners=False).squeeze(1)[:, :img_h, :img_w]
-            else:
-                cur_masks = F.interpolate(cur_masks[keep][:, None], (img_h, img_w), mode="bilinear",
-                                          align_corners=False).squeeze(1)
+            upsampled = (padded_h, padded_w) if self.crop_padding else (img_h, img_w)
+            cur_masks = F.interpolate(cur_masks[keep][:, None], upsampled, mode="bilinear",
+                                      align_corners=False).squeeze(1)[:, :img_h, :img_w]
             h, w = cur_masks.shape[-2:]
             cur_masks = cur_masks.flatten(1)  # [n, h*w]
 

@@ -67,6 +67,8 @@ SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "cli
 ARCHITECTURE_FLAGS = ("backbone", "dilation", "backbone_norm", "backbone_last_layer", "backbone_blocks",
                       "position_embedding", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
                       "pre_norm", "num_queries", "pos_at_input", "spatial_prior", "num_classes")
+# What --resume also takes from the checkpoint for each flag not given: the size its run evaluated at
+SIZE_FLAGS = ("val_size", "max_size")
 # the original's other names for the same choice
 FLAG_ALIASES = {"position_embedding": {"v2": "sine", "v3": "learned"}}
 # What --two_stage may not be combined with (each of them means one stage)
@@ -95,7 +97,7 @@ def check_args(args: argparse.Namespace) -> None:
                          f"--nheads a multiple of 8 (got --hidden_dim {args.hidden_dim} --nheads {args.nheads})")
     if args.two_stage:
         one_stage = [f"--{name}" for name in ONE_STAGE_FLAGS if getattr(args, name)]
-        if one_stage and "two_stage" in (arguments.given_flags(args) or set()):
+        if one_stage and "two_stage" in arguments.given_flags(args):
             raise SystemExit(f"--two_stage trains both stages from scratch; it cannot be combined with "
                              f"{', '.join(one_stage)} (run that stage alone)")
         if not one_stage and not args.output_dir:
@@ -144,10 +146,62 @@ def build_loaders(args):
     return loader_train, sampler_train, loader_val, dataset_val
 
 
-def resume(args, model_without_ddp, optimizer, lr_scheduler, scaler=None) -> None:
+def checkpoint_flags(checkpoint: dict) -> dict:
+    """The ``ARCHITECTURE_FLAGS`` and ``SIZE_FLAGS`` of the run that wrote ``checkpoint``. A flag its args lack (the
+    original's checkpoints predate ours) has the parser's default, which is the original's architecture and
+    evaluation size; num_classes, when they lack it, is read from the class head."""
+    ckpt_args = checkpoint.get("args") or {}
+    defaults = vars(get_args_parser().parse_args([]))
+    flags = {}
+    for name in ARCHITECTURE_FLAGS + SIZE_FLAGS:
+        if ckpt_args.get(name) is not None:
+            flags[name] = ckpt_args[name]
+        elif defaults.get(name) is not None:
+            flags[name] = defaults[name]
+    if "num_classes" not in flags:
+        for key in ("class_embed.bias", "detr.class_embed.bias"):
+            if key in checkpoint["model"]:
+                flags["num_classes"] = int(checkpoint["model"][key].shape[0]) - 1
+                break
+    return flags
+
+
+def take_checkpoint_flags(args, checkpoint: dict) -> dict:
+    """--resume: every ``ARCHITECTURE_FLAGS`` and ``SIZE_FLAGS`` flag not given (``util.args.given_flags``) takes the
+    checkpoint's value, over a dataset recipe's; recorded in ``args.checkpoint_applied`` (what changed) and
+    returned. A given architecture flag that differs from the checkpoint's is an error naming both values, a given
+    size a warning. Done before the model is built."""
+    given = arguments.given_flags(args)
+    applied, conflicts = {}, []
+    for name, theirs in checkpoint_flags(checkpoint).items():
+        ours = getattr(args, name, None)
+        aliases = FLAG_ALIASES.get(name, {})
+        if name not in given:
+            if ours != theirs:
+                applied[name] = theirs
+            setattr(args, name, copy.deepcopy(theirs))
+            (args.defaults_applied or {}).pop(name, None)
+        elif aliases.get(theirs, theirs) != aliases.get(ours, ours):
+            if name in SIZE_FLAGS:
+                logger.warning("--%s %s: the checkpoint's run evaluated at --%s %s (leave the flag out to use it)",
+                               name, ours, name, theirs)
+            else:
+                conflicts.append(f"--{name}: checkpoint {theirs!r}, this run {ours!r}")
+    if conflicts:
+        raise ValueError("\n".join([f"--resume {args.resume} was trained with other architecture flags than the "
+                                     f"ones given here; leave them out (the checkpoint's apply) or give its values:"]
+                                    + [f"  {c}" for c in conflicts]
+                                    + (["  (to train on another number of classes from its weights, use --finetune)"]
+                                       if any(c.startswith("--num_classes") for c in conflicts) else [])))
+    args.checkpoint_applied = applied
+    return applied
+
+
+def resume(args, model_without_ddp, optimizer, lr_scheduler, scaler=None, checkpoint: Optional[dict] = None) -> None:
     """--resume: model, and unless --eval, optimizer, lr scheduler, epoch and schedule (and the fp16 gradient
-    scaler); says what was restored."""
-    checkpoint = load_checkpoint(args.resume)
+    scaler); says what was restored. ``checkpoint``: the file's content when already read (else it is read)."""
+    if checkpoint is None:
+        checkpoint = load_checkpoint(args.resume)
     load_architecture(model_without_ddp, checkpoint, args, "--resume", args.resume, require_same=False)
     restored = ["model"]
     if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
@@ -173,10 +227,11 @@ def resume(args, model_without_ddp, optimizer, lr_scheduler, scaler=None) -> Non
 
 
 def resume_schedule(args, ckpt_args: dict, optimizer, lr_scheduler) -> None:
-    """A resumed run keeps its checkpoint's schedule (``SCHEDULE_FLAGS``); only flags given on the command line
-    (``args.explicit_flags``) override it. A caller of ``main.main`` that does not set ``args.explicit_flags``
-    gets no override. Both what is kept and what is overridden are logged when it differs from ``args``."""
-    given = arguments.given_flags(args) or set()
+    """A resumed run keeps its checkpoint's schedule (``SCHEDULE_FLAGS``); only flags given (``util.args.given_flags``:
+    on the command line, or for a caller's Namespace without ``explicit_flags``, set to another value than the
+    parser's default) override it. Both what is kept and what is overridden are logged when it differs from
+    ``args``."""
+    given = arguments.given_flags(args)
     overridden = {}
     for name in SCHEDULE_FLAGS:
         if name not in ckpt_args:
@@ -321,8 +376,13 @@ def print_start(args, model_without_ddp) -> None:
     if args.defaults_applied:
         logger.info("Dataset defaults for %s (flags you did not set): %s", args.dataset_file,
                     " ".join(_as_flag(k, v) for k, v in args.defaults_applied.items()))
+    from_checkpoint = getattr(args, "checkpoint_applied", None) or {}
+    if from_checkpoint:
+        logger.info("From the checkpoint %s (flags you did not set): %s", args.resume,
+                    " ".join(_as_flag(k, v) for k, v in from_checkpoint.items()))
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     logger.info("number of classes: %d (%s)", args.num_classes,
+                "from the checkpoint" if "num_classes" in from_checkpoint else
                 "--num_classes" if args.num_classes_given else f"from the {args.dataset_file} dataset")
     if args.thing_ids is not None:
         logger.info("categories: %d things, %d stuff (from the dataset)", len(args.thing_ids),
@@ -344,11 +404,13 @@ def write_epoch_outputs(output_dir: Path, log_stats: dict, coco_evaluator, epoch
 def main(args: argparse.Namespace) -> dict:
     """Train (or with --eval, evaluate) and return the last evaluation stats.
 
-    ``args`` is a Namespace of ``get_args_parser()``; when it comes from ``util.args.parse_args`` it also records
-    which flags were given (``explicit_flags``), which decides what a dataset recipe and a resumed checkpoint
-    may set (see ``util.args.apply_dataset_recipe`` and ``resume_schedule``).
+    ``args`` is a Namespace of ``get_args_parser()``. Which flags were given decides what a dataset recipe and a
+    resumed checkpoint may set (``util.args.given_flags``: ``args.explicit_flags`` when ``util.args.parse_args``
+    recorded it, else the flags whose value differs from the parser's default); it is fixed here, before anything
+    fills the other flags.
     """
     setup_logging()
+    args.explicit_flags = sorted(arguments.given_flags(args))
     arguments.apply_dataset_recipe(args)
     check_args(args)
     if two_stages_apply(args):
@@ -410,6 +472,10 @@ def set_dataset_metadata(args: argparse.Namespace, dataset) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """main() within the process group: build, load, then evaluate or train."""
+    # --resume: the checkpoint's architecture and evaluation size for the flags not given, before anything is built
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        take_checkpoint_flags(args, checkpoint)
     logger.info("git: %s", get_sha())
     logger.info("args: %s", json.dumps(vars(args), default=str))
 
@@ -435,7 +501,8 @@ def run(args: argparse.Namespace) -> dict:
 
     load_initial_weights(args, model)
     if args.resume:
-        resume(args, model, optimizer, lr_scheduler, scaler)
+        resume(args, model, optimizer, lr_scheduler, scaler, checkpoint)
+        checkpoint = None  # the optimizer state read from the file need not stay in memory during training
     model_without_ddp = model
     if args.distributed:
         device_ids = [args.gpu] if device.type == "cuda" else None

@@ -145,36 +145,49 @@ def test_resume_keeps_the_checkpoint_schedule_unless_the_command_line_overrides_
     assert _lrs(tmp_path / "override" / "checkpoint.pth") == pytest.approx([1e-4, 2e-4])
 
 
-def _caller_namespace(argv):
-    """A complete Namespace, as a script calling main.main builds it: no record of which flags a user typed."""
-    args = detr_main.parse_args(argv)
-    arguments.apply_dataset_recipe(args)
-    del args.explicit_flags
-    return args
-
-
-def test_a_caller_says_which_flags_it_set_or_gets_no_override(dropped, tmp_path, caplog):
+def test_a_scripts_namespace_overrides_the_schedule_with_the_flags_it_changed(dropped, tmp_path, caplog):
     out, argv = dropped
     shutil.copy(out / "checkpoint.pth", tmp_path / "start.pth")
-    # the way the original's submitit script calls main: a Namespace, no record of what the user typed
-    argv = with_flag(with_flag(argv, "--output_dir", tmp_path / "prog"), "--lr_drop", 7)
-    argv += ["--epochs", "2", "--resume", str(tmp_path / "start.pth")]
-    args = _caller_namespace(argv)
-    with caplog.at_level(logging.INFO):
-        detr_main.main(args)
-    assert "overrides" not in caplog.text
-    assert "keeping the checkpoint's epochs 1 (--epochs not given)" in caplog.text
-    assert not (tmp_path / "prog" / "checkpoint.pth").exists()  # the checkpoint's run was complete
-
-    caplog.clear()
-    args = _caller_namespace(argv)
-    args.explicit_flags = ["epochs"]
+    # the way the original's submitit script calls main: a Namespace of the parser, then the script's own values;
+    # no record of what was typed, so the flags whose value differs from the parser's default count as given
+    argv = with_flag(with_flag(with_flag(argv, "--output_dir", tmp_path / "prog"), "--lr_drop"), "--epochs")
+    args = arguments.get_args_parser().parse_args(argv)
+    args.epochs = 2
+    args.resume = str(tmp_path / "start.pth")
+    assert arguments.given_flags(args) >= {"epochs", "resume", "hidden_dim"}
+    assert "lr_drop" not in arguments.given_flags(args)
     with caplog.at_level(logging.INFO):
         detr_main.main(args)
     assert "--epochs 2 from the command line overrides the checkpoint's 1" in caplog.text
+    assert "keeping the checkpoint's lr_drop 1 (--lr_drop not given)" in caplog.text
+    assert "Epoch: [1]" in caplog.text
     ckpt = torch.load(tmp_path / "prog" / "checkpoint.pth", weights_only=True)
-    assert ckpt["epoch"] == 1
+    assert ckpt["epoch"] == 1 and ckpt["args"]["epochs"] == 2
     assert ckpt["lr_scheduler"]["step_size"] == 1 and ckpt["args"]["lr_drop"] == 1
+
+    # a script that sets a flag to its default value says so in args.explicit_flags
+    caplog.clear()
+    args = arguments.get_args_parser().parse_args(with_flag(argv, "--output_dir", tmp_path / "listed"))
+    args.resume = str(tmp_path / "start.pth")
+    args.epochs = 2
+    args.lr_drop = 200
+    args.explicit_flags = sorted(arguments.given_flags(args) | {"lr_drop"})
+    with caplog.at_level(logging.INFO):
+        detr_main.main(args)
+    assert "--lr_drop 200 from the command line overrides the checkpoint's 1" in caplog.text
+    ckpt = torch.load(tmp_path / "listed" / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["lr_scheduler"]["step_size"] == 200
+
+
+def test_given_flags_is_one_rule_for_the_command_line_and_scripts():
+    parsed = arguments.parse_args(["--dataset_file", "synthetic", "--lr", "1e-4"])
+    assert arguments.given_flags(parsed) == {"dataset_file", "lr"}  # typed, even at the default value
+    script = arguments.get_args_parser().parse_args(["--dataset_file", "synthetic"])
+    assert arguments.given_flags(script) == {"dataset_file"}
+    arguments.apply_dataset_recipe(script)
+    assert arguments.given_flags(script) == {"dataset_file"}  # what the recipe filled is not given
+    script.epochs = 500
+    assert arguments.given_flags(script) == {"dataset_file", "epochs"}
 
 
 def test_conflicting_starts_are_refused(trained, tmp_path):
@@ -191,7 +204,7 @@ def test_eval_resume_reproduces_the_logged_ap(trained, tmp_path):
     assert (tmp_path / "eval.pth").is_file()
 
 
-def test_resume_of_another_architecture_names_the_flags_that_differ(trained, tmp_path, caplog):
+def test_resume_refuses_architecture_flags_given_against_the_checkpoint(trained, tmp_path, caplog):
     out, argv, _ = trained
     ckpt = out / "checkpoint.pth"
     assert torch.load(ckpt, weights_only=True)["args"]["backbone_blocks"] == 1  # the synthetic recipe's
@@ -199,13 +212,56 @@ def test_resume_of_another_architecture_names_the_flags_that_differ(trained, tmp
     with pytest.raises(ValueError) as err:
         run(argv + ["--backbone_blocks", "0"])
     message = str(err.value)
-    assert f"--resume {ckpt} was trained with another architecture than this run's" in message
+    assert f"--resume {ckpt} was trained with other architecture flags than the ones given here" in message
     assert "--backbone_blocks: checkpoint 1, this run 0" in message
-    assert "checkpoint keys" in message or "model keys missing" in message  # then the keys that do not fit
-    # a difference the weights do not show (2 instead of 4 heads: same parameter shapes) loads, with a warning
-    with caplog.at_level(logging.WARNING):
+    # also a difference the weights do not show (2 instead of 4 heads: same parameter shapes)
+    with pytest.raises(ValueError, match="--nheads: checkpoint 4, this run 2"):
         run(with_flag(argv, "--nheads", 2))
-    assert "trained with other architecture flags (its weights fit this model): --nheads: checkpoint 4" in caplog.text
+
+
+def _eval_argv(data_dir, ckpt, *flags):
+    return ["--dataset_file", "synthetic", "--coco_path", str(data_dir), "--num_workers", "0", "--batch_size", "4",
+            "--eval", "--resume", str(ckpt), *flags]
+
+
+def test_eval_resume_takes_the_checkpoints_architecture_and_size(trained, data_dir, tmp_path, caplog):
+    out, argv, _ = trained
+    # the same weights, recorded as trained and evaluated at 96 px (the recipe's 128 does not apply)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    ckpt["args"]["val_size"] = 96
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    with caplog.at_level(logging.INFO):
+        stats = run(_eval_argv(data_dir, tmp_path / "ckpt.pth"))
+    assert "From the checkpoint" in caplog.text and "--hidden_dim 32" in caplog.text and "--val_size 96" in caplog.text
+    assert "number of classes: 4 (from the checkpoint)" in caplog.text
+    explicit = run(with_flag(argv, "--output_dir") + ["--val_size", "96", "--eval", "--resume",
+                                                      str(tmp_path / "ckpt.pth")])
+    assert stats == explicit
+    at_128 = run(with_flag(argv, "--output_dir") + ["--val_size", "128", "--eval", "--resume",
+                                                    str(tmp_path / "ckpt.pth")])
+    assert at_128["loss"] != stats["loss"]  # the size mattered
+    # a size given against the checkpoint's: a warning, and the given size
+    assert "--val_size 128: the checkpoint's run evaluated at --val_size 96" in caplog.text
+
+
+def test_checkpoint_flags_of_the_originals_checkpoints():
+    import argparse
+
+    # the original's Namespace: none of our new flags, no num_classes (the class head says 91)
+    original = argparse.Namespace(backbone="resnet50", dilation=True, position_embedding="sine", hidden_dim=256,
+                                  nheads=8, enc_layers=6, dec_layers=6, dim_feedforward=2048, pre_norm=False,
+                                  num_queries=100, masks=False, lr=1e-4)
+    flags = detr_main.checkpoint_flags({"model": {"class_embed.bias": torch.zeros(92)}, "args": vars(original)})
+    assert flags["backbone"] == "resnet50" and flags["dilation"] is True and flags["num_classes"] == 91
+    assert flags["backbone_norm"] == "frozen_bn" and flags["backbone_last_layer"] == "layer4"
+    assert flags["backbone_blocks"] == 0 and flags["pos_at_input"] is False and flags["spatial_prior"] is False
+    assert flags["val_size"] == 800 and flags["max_size"] == 1333
+    # on the synthetic recipe's defaults, the checkpoint wins over the recipe for every flag not given
+    args = detr_main.parse_args(["--dataset_file", "synthetic", "--eval", "--resume", "detr-r50-dc5.pth"])
+    arguments.apply_dataset_recipe(args)
+    detr_main.take_checkpoint_flags(args, {"model": {"class_embed.bias": torch.zeros(92)}, "args": vars(original)})
+    assert (args.backbone, args.hidden_dim, args.backbone_norm, args.val_size) == ("resnet50", 256, "frozen_bn", 800)
+    assert "backbone" not in args.defaults_applied and args.checkpoint_applied["backbone"] == "resnet50"
 
 
 def test_finetune_from_another_number_of_classes(trained, tmp_path, caplog):

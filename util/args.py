@@ -123,8 +123,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to use for training / testing")
     parser.add_argument("--seed", default=42, type=int)
-    parser.add_argument("--resume", default="", help="resume from checkpoint (path or URL): model, optimizer, "
-                                                     "lr scheduler and epoch")
+    parser.add_argument("--resume", default="",
+                        help="resume from checkpoint (path or URL): model, optimizer, lr scheduler and epoch; the "
+                             "checkpoint's architecture, evaluation size (--val_size, --max_size) and schedule "
+                             "(--epochs, --lr, --lr_drop, ...) apply to every flag not given here. A flag counts as "
+                             "given when it is on the command line, or, for a script calling main.main(args) "
+                             "without args.explicit_flags, when its value differs from the parser's default")
     parser.add_argument("--finetune", default="",
                         help="start from a checkpoint's model weights only (path or URL); a class head of another "
                              "size is re-initialised with a warning; optimizer and epoch start fresh")
@@ -232,20 +236,26 @@ def parse_args(argv: list[str], parser: Optional[argparse.ArgumentParser] = None
     return args
 
 
-def given_flags(args: argparse.Namespace) -> Optional[set[str]]:
-    """The flags the caller set: ``args.explicit_flags`` when a command line was parsed by ``parse_args``, else
-    None (a Namespace built by other code, e.g. ``get_args_parser().parse_args([...])``)."""
+def given_flags(args: argparse.Namespace) -> set[str]:
+    """The flags the caller set, one rule for the command line and for scripts calling ``main.main(args)``:
+    ``args.explicit_flags`` when there is one (``parse_args`` records it), else every flag whose value differs
+    from the parser's default, leaving out those that still hold the value a dataset recipe filled in (``args.defaults_applied``). A script
+    that sets a flag to its default value and wants it to count as set lists it in ``args.explicit_flags``."""
     given = getattr(args, "explicit_flags", None)
-    return None if given is None else set(given)
+    if given is not None:
+        return set(given)
+    defaults = vars(get_args_parser().parse_args([]))
+    filled = {k for k, v in (getattr(args, "defaults_applied", None) or {}).items() if getattr(args, k, v) == v}
+    return {k for k, v in defaults.items() if getattr(args, k, v) != v and k not in filled}
 
 
 def apply_dataset_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """Give every flag the user did not set the value of the dataset's recipe (``DATASET_RECIPES``, with ``--masks``
     updated by ``MASK_STAGE_RECIPES``); returns and records in ``args.defaults_applied`` what was applied. Idempotent.
 
-    Without ``args.explicit_flags`` a flag counts as set when its value differs from the parser's default, so
-    ``main.main(get_args_parser().parse_args(['--dataset_file', 'synthetic']))`` gets the same recipe as the
-    command line.
+    Which flags were set is ``given_flags(args)``: without ``args.explicit_flags``, those whose value differs
+    from the parser's default, so ``main.main(get_args_parser().parse_args(['--dataset_file', 'synthetic']))``
+    gets the same recipe as the command line.
     """
     if getattr(args, "defaults_applied", None) is not None:
         return args.defaults_applied
@@ -253,9 +263,6 @@ def apply_dataset_recipe(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "masks", False):
         recipe.update(MASK_STAGE_RECIPES.get(args.dataset_file, {}))
     given = given_flags(args)
-    if given is None:
-        defaults = vars(get_args_parser().parse_args([]))
-        given = {k for k, v in defaults.items() if getattr(args, k, v) != v}
     applied = {}
     for name, value in recipe.items():
         if name not in given:

@@ -239,8 +239,9 @@ def parse_args(argv: list[str], parser: Optional[argparse.ArgumentParser] = None
 def given_flags(args: argparse.Namespace) -> set[str]:
     """The flags the caller set, one rule for the command line and for scripts calling ``main.main(args)``:
     ``args.explicit_flags`` when there is one (``parse_args`` records it), else every flag whose value differs
-    from the parser's default, leaving out those that still hold the value a dataset recipe filled in (``args.defaults_applied``). A script
-    that sets a flag to its default value and wants it to count as set lists it in ``args.explicit_flags``."""
+    from the parser's default, leaving out those that still hold the value a dataset recipe filled in
+    (``args.defaults_applied``). A script that sets a flag to its default value and wants it to count as set
+    lists it in ``args.explicit_flags``."""
     given = getattr(args, "explicit_flags", None)
     if given is not None:
         return set(given)

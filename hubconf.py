@@ -44,7 +44,9 @@ def _hub_args(backbone: str, dilation: bool, num_classes: int, mask: bool):
 def _make_detr(name: str, backbone: str, dilation: bool, num_classes: int, pretrained: bool, mask: bool = False):
     model, _, postprocessors = build_model(_hub_args(backbone, dilation, num_classes, mask))
     if pretrained:
-        checkpoint = load_checkpoint(_URLS[name])  # through the hub cache; reads the published Namespace args
+        # through the hub cache; reads the published Namespace args. Offline, the error says where to put the file
+        # (torch.hub.load cannot take a local path instead)
+        checkpoint = load_checkpoint(_URLS[name], local_path_ok=False)
         # with another num_classes the class head keeps its fresh initialisation (fine-tuning), with a warning
         load_model_state(model, checkpoint["model"], source=_URLS[name], reinit_class_head=True)
     return model, postprocessors

@@ -30,6 +30,7 @@ import copy
 import datetime
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -54,6 +55,7 @@ from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from util.compile import CompiledOrEager
 from util.dist import (barrier, destroy_distributed, get_rank, get_world_size, init_distributed_mode, is_main_process,
                        local_main_first)
+from util.errors import UserError, UserValueError, message_of
 from util.git import get_sha
 from util.logger import setup_logging
 from util.nested_tensor import collate_fn
@@ -188,7 +190,7 @@ def take_checkpoint_flags(args, checkpoint: dict) -> dict:
             else:
                 conflicts.append(f"--{name}: checkpoint {theirs!r}, this run {ours!r}")
     if conflicts:
-        raise ValueError("\n".join([f"--resume {args.resume} was trained with other architecture flags than the "
+        raise UserValueError("\n".join([f"--resume {args.resume} was trained with other architecture flags than the "
                                      f"ones given here; leave them out (the checkpoint's apply) or give its values:"]
                                     + [f"  {c}" for c in conflicts]
                                     + (["  (to train on another number of classes from its weights, use --finetune)"]
@@ -296,7 +298,7 @@ def load_architecture(model, checkpoint: dict, args, flag: str, path: str, requi
         logger.warning("%s %s: the checkpoint was trained with other architecture flags (its weights fit this "
                        "model): %s", flag, path, "; ".join(differences))
     if problem:
-        raise ValueError(problem)
+        raise UserValueError(problem)
 
 
 def load_frozen_box_model(args, model_without_ddp) -> None:
@@ -563,8 +565,21 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
     return test_stats
 
 
+def run_command_line(argv: list[str]) -> None:
+    """main.py's command: errors in the user's input (``util.errors.UserError``: a missing file, a bad path, a
+    checkpoint that does not fit, offline weights) end in ``error: <message>`` on stderr and exit status 1; with
+    DETR_DEBUG=1 in the environment they keep their traceback, as every other error does."""
+    cli_args = parse_args(argv)
+    try:
+        if cli_args.output_dir:
+            Path(cli_args.output_dir).mkdir(parents=True, exist_ok=True)
+        main(cli_args)
+    except UserError as err:
+        if os.environ.get("DETR_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: {message_of(err)}", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    cli_args = parse_args(sys.argv[1:])
-    if cli_args.output_dir:
-        Path(cli_args.output_dir).mkdir(parents=True, exist_ok=True)
-    main(cli_args)
+    run_command_line(sys.argv[1:])

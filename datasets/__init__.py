@@ -5,6 +5,8 @@ from pathlib import Path
 import torch.utils.data
 from pycocotools.coco import COCO
 
+from util.errors import UserFileNotFoundError, UserValueError
+
 from . import coco
 
 # the original's class counts: max category id + 1 (COCO ids run to 90, panoptic ids to 200 and the
@@ -28,7 +30,7 @@ def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
         from . import synthetic
 
         return synthetic.build_panoptic(image_set, args)
-    raise ValueError(f"dataset {args.dataset_file!r} not supported; expected {SUPPORTED}")
+    raise UserValueError(f"dataset {args.dataset_file!r} not supported; expected {SUPPORTED}")
 
 
 def prepare(args) -> None:
@@ -69,12 +71,12 @@ def default_num_classes(args) -> int:
         kind = "panoptic" if args.dataset_file == "synthetic_panoptic" else "instances"
         ann_file = synthetic.dataset_root(args) / "annotations" / f"{kind}_train2017.json"
         if not ann_file.is_file():
-            raise FileNotFoundError(f"annotation file {ann_file} not found")
+            raise UserFileNotFoundError(f"annotation file {ann_file} not found")
         categories = coco.load_json(ann_file).get("categories") or []
         if not categories:
             raise coco.DatasetError(f"{ann_file} lists no categories, so the number of classes is unknown")
         return max(c["id"] for c in categories) + 1
-    raise ValueError(f"dataset {args.dataset_file!r} not supported; expected {SUPPORTED}")
+    raise UserValueError(f"dataset {args.dataset_file!r} not supported; expected {SUPPORTED}")
 
 
 def get_category_names(dataset) -> dict[int, str]:

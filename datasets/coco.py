@@ -19,10 +19,12 @@ import torch
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
+from util.errors import UserError, UserFileNotFoundError, UserValueError
+
 from . import transforms as T
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file exists but its content is not what the loader expects."""
 
 
@@ -91,7 +93,7 @@ def convert_coco_poly_to_mask(segmentations: list, height: int, width: int) -> t
 def load_image(path: Path, image_id: int, ann_file: Path, mode: str = "RGB") -> PIL.Image.Image:
     """Open the image file `path` of `image_id` (listed in `ann_file`), converted to `mode`."""
     if not path.is_file():
-        raise FileNotFoundError(f"image file {path} (image_id {image_id}, from {ann_file}) not found")
+        raise UserFileNotFoundError(f"image file {path} (image_id {image_id}, from {ann_file}) not found")
     try:
         with PIL.Image.open(path) as img:
             return img.convert(mode)
@@ -145,10 +147,10 @@ class CocoDetection(torch.utils.data.Dataset):
         self.root = Path(img_folder)
         self.ann_file = Path(ann_file)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} not found (expected the COCO layout "
+            raise UserFileNotFoundError(f"image folder {self.root} not found (expected the COCO layout "
                                     f"<coco_path>/{{train2017,val2017}}/)")
         if not self.ann_file.is_file():
-            raise FileNotFoundError(f"annotation file {self.ann_file} not found (expected the COCO layout "
+            raise UserFileNotFoundError(f"annotation file {self.ann_file} not found (expected the COCO layout "
                                     f"<coco_path>/annotations/instances_{{train,val}}2017.json)")
         data = load_json(self.ann_file)
         check_coco_annotations(data, self.ann_file, num_classes, require_masks=return_masks)
@@ -192,11 +194,11 @@ def transforms_from_args(image_set: str, args) -> T.Compose:
 
 def build(image_set: str, args) -> CocoDetection:
     if not getattr(args, "coco_path", None):
-        raise ValueError(f"--dataset_file {getattr(args, 'dataset_file', 'coco')} needs --coco_path, the folder "
+        raise UserValueError(f"--dataset_file {getattr(args, 'dataset_file', 'coco')} needs --coco_path, the folder "
                          f"holding train2017/, val2017/ and annotations/")
     root = Path(args.coco_path)
     if not root.is_dir():
-        raise FileNotFoundError(f"COCO folder {root} (--coco_path) not found")
+        raise UserFileNotFoundError(f"COCO folder {root} (--coco_path) not found")
     paths = {
         "train": (root / "train2017", root / "annotations" / "instances_train2017.json"),
         "val": (root / "val2017", root / "annotations" / "instances_val2017.json"),

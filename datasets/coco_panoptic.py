@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
+from util.errors import UserFileNotFoundError, UserValueError
+
 from .coco import (DatasetError, check_coco_annotations, coco_from_dict, load_image, load_json,
                    transforms_from_args)
 
@@ -115,9 +117,9 @@ class CocoPanoptic(torch.utils.data.Dataset):
         self.instances_file = Path(instances_file) if instances_file is not None else None
         for path, what in ((self.img_folder, "image folder"), (self.ann_folder, "panoptic PNG folder")):
             if not path.is_dir():
-                raise FileNotFoundError(f"{what} {path} not found")
+                raise UserFileNotFoundError(f"{what} {path} not found")
         if not self.ann_file.is_file():
-            raise FileNotFoundError(f"panoptic annotation file {self.ann_file} not found (expected "
+            raise UserFileNotFoundError(f"panoptic annotation file {self.ann_file} not found (expected "
                                     f"<coco_panoptic_path>/annotations/panoptic_{{train,val}}2017.json)")
         data = load_json(self.ann_file)
         check_panoptic_annotations(data, self.ann_file, num_classes)
@@ -137,7 +139,7 @@ class CocoPanoptic(torch.utils.data.Dataset):
         """pycocotools index of the detection annotations of the same split (for box / mask AP)."""
         if self._detection_api is None:
             if self.instances_file is None or not self.instances_file.is_file():
-                raise FileNotFoundError(
+                raise UserFileNotFoundError(
                     f"box/mask AP of a panoptic dataset is computed against the detection annotations of the same "
                     f"images, as in the original DETR: {self.instances_file} not found (expected "
                     f"<coco_path>/annotations/instances_{{train,val}}2017.json beside {self.img_folder})")
@@ -151,7 +153,7 @@ class CocoPanoptic(torch.utils.data.Dataset):
         ann = self.annotations[image_id]
         path = self.ann_folder / ann["file_name"]
         if not path.is_file():
-            raise FileNotFoundError(f"panoptic PNG {path} (image_id {image_id}, from {self.ann_file}) not found")
+            raise UserFileNotFoundError(f"panoptic PNG {path} (image_id {image_id}, from {self.ann_file}) not found")
         png = load_image(path, image_id, self.ann_file, mode="RGB")
         if png.size != size:
             raise DatasetError(f"panoptic PNG {path} is {png.size[0]}x{png.size[1]} but its image (image_id "
@@ -211,7 +213,7 @@ def panoptic_png_folder(coco_panoptic_path: Path, image_set: str) -> Path:
     archive = coco_panoptic_path / "annotations" / f"{name}.zip"
     if archive.is_file():
         hint = f"; unzip {archive} first"
-    raise FileNotFoundError(f"panoptic PNG folder not found: looked for {candidates[0]} and {candidates[1]}{hint}")
+    raise UserFileNotFoundError(f"panoptic PNG folder not found: looked for {candidates[0]} and {candidates[1]}{hint}")
 
 
 def build(image_set: str, args) -> CocoPanoptic:
@@ -220,12 +222,12 @@ def build(image_set: str, args) -> CocoPanoptic:
     for flag, holds in (("coco_path", "train2017/, val2017/ and annotations/instances_*.json"),
                         ("coco_panoptic_path", "annotations/panoptic_*.json and the panoptic_*2017/ PNG folders")):
         if not getattr(args, flag, None):
-            raise ValueError(f"--dataset_file {getattr(args, 'dataset_file', 'coco_panoptic')} needs --{flag}, "
+            raise UserValueError(f"--dataset_file {getattr(args, 'dataset_file', 'coco_panoptic')} needs --{flag}, "
                              f"the folder holding {holds}")
     coco_root, panoptic_root = Path(args.coco_path), Path(args.coco_panoptic_path)
     for root, flag in ((coco_root, "coco_path"), (panoptic_root, "coco_panoptic_path")):
         if not root.is_dir():
-            raise FileNotFoundError(f"folder {root} (--{flag}) not found")
+            raise UserFileNotFoundError(f"folder {root} (--{flag}) not found")
     return CocoPanoptic(
         img_folder=coco_root / f"{image_set}2017",
         ann_folder=panoptic_png_folder(panoptic_root, image_set),

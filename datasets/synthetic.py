@@ -41,6 +41,8 @@ import PIL.Image
 import PIL.ImageDraw
 from scipy import ndimage
 
+from util.errors import UserFileNotFoundError
+
 VERSION = 2
 
 logger = logging.getLogger(__name__)
@@ -382,7 +384,7 @@ def dataset_root(args) -> Path:
     if coco_path:
         root = Path(coco_path)
         if not root.is_dir():
-            raise FileNotFoundError(f"synthetic dataset folder {root} (--coco_path) not found; create one "
+            raise UserFileNotFoundError(f"synthetic dataset folder {root} (--coco_path) not found; create one "
                                     f"with `python -m datasets.synthetic {root}` or leave --coco_path unset "
                                     f"to use the cached default")
         return root

@@ -11,6 +11,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d  # eps=1e-5, as the original's
 
 from models.position_encoding import build_position_encoding
+from util.errors import UserFileNotFoundError, UserRuntimeError
 from util.nested_tensor import NestedTensor
 
 logger = logging.getLogger(__name__)
@@ -243,10 +244,10 @@ def load_backbone_weights(backbone: Backbone, spec: str) -> Optional[str]:
             state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False)
         except Exception as err:  # no network, proxy, disk ...: say what to do instead
             if os.path.exists(cached):
-                raise RuntimeError(
+                raise UserRuntimeError(
                     f"--backbone_weights imagenet: the cached file {cached} could not be read ({type(err).__name__}: "
                     f"{err}); delete it to download it again, or pass --backbone_weights PATH / none") from err
-            raise RuntimeError(
+            raise UserRuntimeError(
                 f"--backbone_weights imagenet: the ImageNet weights of {backbone.name} are not in the torch hub cache "
                 f"({cached}) and could not be downloaded from {url} ({type(err).__name__}: {err}). Put the file "
                 f"there (or set TORCH_HOME), pass --backbone_weights PATH to a ResNet state dict, or "
@@ -254,7 +255,7 @@ def load_backbone_weights(backbone: Backbone, spec: str) -> Optional[str]:
         source = cached
     else:
         if not os.path.isfile(spec):
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"--backbone_weights: {spec!r} is not a file; expected 'imagenet', 'none' or a path to a ResNet "
                 f"state dict")
         state = torch.load(spec, map_location="cpu", weights_only=True)

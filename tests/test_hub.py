@@ -145,6 +145,9 @@ def test_offline_pretrained_says_where_to_put_the_file(hub_cache, monkeypatch):
     msg = str(err.value)
     assert "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth could not be downloaded" in msg
     assert str(hub_cache / "detr-r50-e632da11.pth") in msg
+    # torch.hub.load cannot take a local path instead: the message says only where the file goes, and its name
+    assert "local path" not in msg
+    assert "$TORCH_HOME/hub/checkpoints/, under the name detr-r50-e632da11.pth" in msg
 
 
 def test_offline_resume_url_says_where_to_put_the_file(hub_cache, monkeypatch):

@@ -49,11 +49,18 @@ def test_plot_logs_single_folder_default_output_and_fields(tmp_path):
 
 
 def test_plot_logs_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="log folder"):
+    with pytest.raises(FileNotFoundError, match="nope not found: expected a run's folder .* or a log file"):
         plot_logs(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="log.txt not found"):
         plot_logs(tmp_path / "empty")
+
+
+def test_plot_logs_takes_the_log_file_itself(tmp_path):
+    run = _write_log(tmp_path / "run")
+    fig, axs, png = plot_logs(run / "log.txt")
+    assert png == run / "plot_logs.png" and png.is_file()
+    assert [t.get_text() for t in axs[0].get_legend().get_texts()] == ["run", "run (test)"]
 
 
 def test_ewm_mean_matches_definition():

@@ -15,6 +15,8 @@ from typing import IO, Any, Iterator
 import torch
 from torch import nn
 
+from util.errors import UserFileNotFoundError, UserRuntimeError, UserValueError
+
 logger = logging.getLogger(__name__)
 
 _COMPONENTS = (
@@ -42,27 +44,36 @@ def component_of(key: str) -> str:
     return "an unknown module"
 
 
-def load_checkpoint(path_or_url: str) -> dict:
-    """Read a checkpoint from a path or URL (URLs go through the torch hub cache) with ``weights_only``."""
+def load_checkpoint(path_or_url: str, local_path_ok: bool = True) -> dict:
+    """Read a checkpoint from a path or URL (URLs go through the torch hub cache) with ``weights_only``.
+    ``local_path_ok``: whether the caller could take a local path instead of the URL (the offline message says so)."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         if path_or_url.startswith(("https://", "http://")):
-            ckpt = _load_url(path_or_url)
+            ckpt = _load_url(path_or_url, local_path_ok)
         else:
+            if os.path.isdir(path_or_url):
+                inside = os.path.join(path_or_url, "checkpoint.pth")
+                raise UserFileNotFoundError(
+                    f"checkpoint {path_or_url!r} is a folder, not a checkpoint file"
+                    + (f"; did you mean {inside}?" if os.path.isfile(inside) else ""))
             if not os.path.isfile(path_or_url):
-                raise FileNotFoundError(f"checkpoint {path_or_url!r} does not exist")
+                raise UserFileNotFoundError(f"checkpoint {path_or_url!r} does not exist")
             name = os.path.basename(path_or_url)
             if name.startswith(".") and name.endswith(".tmp"):
                 final = os.path.join(os.path.dirname(path_or_url), name[1:].split(".pth.", 1)[0] + ".pth")
-                raise ValueError(f"checkpoint {path_or_url!r} is a temporary file that another process is still "
+                raise UserValueError(f"checkpoint {path_or_url!r} is a temporary file that another process is still "
                                  f"writing (or left by a crash); resume from {final} once it is complete")
             try:
                 ckpt = torch.load(path_or_url, map_location="cpu", weights_only=True)
             except Exception as err:
-                raise RuntimeError(f"checkpoint {path_or_url!r} could not be read: {err} (if another job is writing "
-                                   f"it without an atomic rename, wait until it is complete)") from err
+                raise UserRuntimeError(
+                    f"checkpoint {path_or_url!r} could not be read: it is not a checkpoint readable with "
+                    f"torch.load(weights_only=True) ({_cause(err)}). Checkpoints written by main.py and the "
+                    f"original's published ones are; if another job is still writing this file, wait until it is "
+                    f"complete") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"checkpoint {path_or_url!r}: expected a dict with a 'model' state dict, got {keys}")
+        raise UserValueError(f"checkpoint {path_or_url!r}: expected a dict with a 'model' state dict, got {keys}")
     if isinstance(ckpt.get("args"), argparse.Namespace):
         ckpt["args"] = vars(ckpt["args"])
     return ckpt
@@ -106,18 +117,29 @@ def cached_file(url: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
 
 
-def _load_url(url: str) -> dict:
+def _cause(err: Exception) -> str:
+    """The gist of torch.load's error, without its advice to load with weights_only=False (which would run any code
+    the file holds) or to file a PyTorch issue."""
+    message = str(err)
+    if "WeightsUnpickler error:" in message:
+        message = message.split("WeightsUnpickler error:", 1)[1].strip().split(". ", 1)[0]
+    return f"{type(err).__name__}: {message.splitlines()[0] if message else ''}".rstrip(": ")
+
+
+def _load_url(url: str, local_path_ok: bool = True) -> dict:
     """A checkpoint through the torch hub cache; offline or unreadable, an error that says where to put the file."""
     cached = cached_file(url)
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
     except Exception as err:
         if os.path.exists(cached):
-            raise RuntimeError(f"checkpoint {url}: the cached file {cached} could not be read "
+            raise UserRuntimeError(f"checkpoint {url}: the cached file {cached} could not be read "
                                f"({type(err).__name__}: {err}); delete it to download it again") from err
-        raise RuntimeError(
-            f"checkpoint {url} could not be downloaded ({type(err).__name__}: {err}). Offline, put the file at "
-            f"{cached} (set TORCH_HOME to use another cache folder), or pass a local path instead of the URL.") from err
+        raise UserRuntimeError(
+            f"checkpoint {url} could not be downloaded ({type(err).__name__}: {err}). Offline, download it elsewhere "
+            f"and put the file at {cached} (the torch hub cache, $TORCH_HOME/hub/checkpoints/, under the name "
+            f"{os.path.basename(cached)}; set TORCH_HOME to use another cache folder)"
+            + (", or pass a local path instead of the URL." if local_path_ok else ".")) from err
 
 
 def save_checkpoint(obj: dict[str, Any], path: str) -> None:
@@ -161,7 +183,7 @@ def load_model_state(model: nn.Module, state_dict: dict, source: str, reinit_cla
         if any(component_of(k) == "the class head" for k in mismatched):
             lines.append("  hint: another number of classes; to fine-tune, use --finetune (the class head is "
                          "re-initialised) or set --num_classes to the checkpoint's")
-        raise ValueError("\n".join(lines))
+        raise UserValueError("\n".join(lines))
     if skipped:
         logger.warning("%s: class head has another number of classes; not loaded, re-initialised: %s",
                        source, skipped)

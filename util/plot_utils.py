@@ -101,21 +101,28 @@ def plot_logs(logs: Union[PathLike, Sequence[PathLike]],
               ewm_col: float = 0, log_name: str = "log.txt", output: Optional[PathLike] = None):
     """Plot fields of the JSON-lines logs of one or more runs, one panel per field.
 
-    logs: run folders, each holding `log_name` (as main.py writes it with --output_dir).
+    logs: run folders, each holding `log_name` (as main.py writes it with --output_dir), or the log files
+        themselves.
     fields: a metric logged as `train_<field>` / `test_<field>` (drawn solid / dashed), or a COCO
         statistic of `test_coco_eval_bbox`: 'mAP' (AP@[.50:.95]; the original plotted AP@.50 under
         this name), 'AP50', 'AP75', ... (see COCO_STATS_FIELDS).
     ewm_col: centre of mass of the exponential smoothing (0: none).
-    output: PNG path; default `<first run folder>/plot_logs.png`.
+    output: PNG path; default `plot_logs.png` in the first run's folder.
     Returns (figure, axes, png_path).
     """
-    logs = _as_paths(logs, "log folders")
-    for folder in logs:
-        if not folder.is_dir():
-            raise FileNotFoundError(f"log folder {folder} not found")
-        if not (folder / log_name).is_file():
-            raise FileNotFoundError(f"{folder / log_name} not found (is {folder} a run's --output_dir?)")
-    runs = [read_log(folder / log_name) for folder in logs]
+    files = []
+    for path in _as_paths(logs, "log folders"):
+        if path.is_file():  # the log file itself
+            files.append(path)
+        elif not path.is_dir():
+            raise FileNotFoundError(f"{path} not found: expected a run's folder (its --output_dir, holding "
+                                    f"{log_name}) or a log file")
+        elif not (path / log_name).is_file():
+            raise FileNotFoundError(f"{path / log_name} not found (is {path} a run's --output_dir?)")
+        else:
+            files.append(path / log_name)
+    logs = [f.parent for f in files]
+    runs = [read_log(f) for f in files]
 
     fig, axs = _new_figure(len(fields))
     colours = [f"C{i % 10}" for i in range(len(logs))]

@@ -66,7 +66,7 @@ SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "cli
 # whose weights do not fit names those that differ (load_architecture).
 ARCHITECTURE_FLAGS = ("backbone", "dilation", "backbone_norm", "backbone_last_layer", "backbone_blocks",
                       "position_embedding", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
-                      "pre_norm", "num_queries", "pos_at_input", "spatial_prior", "num_classes")
+                      "pre_norm", "num_queries", "query_groups", "pos_at_input", "spatial_prior", "num_classes")
 # the original's other names for the same choice
 FLAG_ALIASES = {"position_embedding": {"v2": "sine", "v3": "learned"}}
 # What --two_stage may not be combined with (each of them means one stage)

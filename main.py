@@ -68,7 +68,7 @@ SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "cli
 # whose weights do not fit names those that differ (load_architecture).
 ARCHITECTURE_FLAGS = ("backbone", "dilation", "backbone_norm", "backbone_last_layer", "backbone_blocks",
                       "position_embedding", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
-                      "pre_norm", "num_queries", "pos_at_input", "spatial_prior", "num_classes")
+                      "pre_norm", "num_queries", "query_groups", "pos_at_input", "spatial_prior", "num_classes")
 # What --resume also takes from the checkpoint for each flag not given: the size its run evaluated at
 SIZE_FLAGS = ("val_size", "max_size")
 # the original's other names for the same choice

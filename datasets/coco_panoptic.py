@@ -8,8 +8,9 @@ The PNG folders may also stay where COCO's archive unpacks them (and where `data
 them), `<coco_panoptic_path>/annotations/panoptic_{train,val}2017/`.
 
 Each sample's target holds one entry per segment (things and stuff, crowd segments included, as in the
-original): `labels` (category ids), `boxes` (the annotation's `bbox`, xywh -> x0 y0 x1 y1 in pixels),
-`iscrowd`, `area`, and with `return_masks` the `masks` [N, H, W] bool decoded from the PNG. The
+original): `labels` (category ids), `boxes` (x0 y0 x1 y1 in pixels, `util.box_ops.masks_to_boxes` of the masks
+decoded from the PNG, as the original: the last pixel's index, not the JSON `bbox`, which ends one pixel further),
+`iscrowd`, `area`, and with `return_masks` the `masks` [N, H, W] bool. The
 categories, and which of them are things (`is_thing_map`), come from the JSON.
 
 Box/mask AP during panoptic evaluation is computed, as in the original, against the detection
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
+from util.box_ops import masks_to_boxes
 from util.errors import UserFileNotFoundError, UserValueError
 
 from .coco import (DatasetError, check_coco_annotations, coco_from_dict, load_image, load_json,
@@ -177,12 +179,11 @@ class CocoPanoptic(torch.utils.data.Dataset):
         w, h = img.size
         segments = self.annotations[image_id]["segments_info"]
 
-        boxes = torch.as_tensor([s["bbox"] for s in segments], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # [N, 4] (x0, y0, x1, y1) absolute
-        boxes[:, 0::2].clamp_(min=0, max=w)
-        boxes[:, 1::2].clamp_(min=0, max=h)
+        masks = self.load_masks(image_id, (w, h))  # [N, H, W] bool, also without return_masks: the boxes need them
         target = {
-            "boxes": boxes,
+            # [N, 4] (x0, y0, x1, y1) absolute, around each mask with the last pixel's index as x1 / y1 (as the
+            # original; the JSON's bbox ends one pixel further)
+            "boxes": masks_to_boxes(masks),
             "labels": torch.tensor([s["category_id"] for s in segments], dtype=torch.int64),
             "image_id": torch.tensor([image_id]),
             "area": torch.tensor([s["area"] for s in segments], dtype=torch.float32),
@@ -191,7 +192,7 @@ class CocoPanoptic(torch.utils.data.Dataset):
             "size": torch.as_tensor([int(h), int(w)]),
         }
         if self.return_masks:
-            target["masks"] = self.load_masks(image_id, (w, h))
+            target["masks"] = masks
         if self.transforms is not None:
             img, target = self.transforms(img, target)
         return img, target

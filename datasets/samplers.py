@@ -41,15 +41,25 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
+def _height_and_width(dataset, index: int) -> tuple[int, int]:
+    """An image's size from the annotation file: ``get_height_and_width`` where the dataset has it (the panoptic
+    dataset, torchvision's convention), else its pycocotools index (``CocoDetection``)."""
+    if hasattr(dataset, "get_height_and_width"):
+        return dataset.get_height_and_width(index)
+    image = dataset.coco.imgs[dataset.ids[index]]
+    return image["height"], image["width"]
+
+
 def aspect_ratio_groups(dataset, k: int = 3) -> list[int]:
-    """Group ids by aspect ratio (width / height) for a COCO-format dataset, from the annotation file's sizes
-    (images are not opened); through torch Subsets too. The bins are 2 ** linspace(-1, 1, 2k + 1), as torchvision's
-    detection references use: with k = 3 ratios split at 0.5, 0.63, 0.79, 1, 1.26, 1.59, 2."""
+    """Group ids by aspect ratio (width / height) for a COCO-format detection or panoptic dataset, from the
+    annotation file's sizes (images are not opened); through torch Subsets too. The bins are
+    2 ** linspace(-1, 1, 2k + 1), as torchvision's detection references use: with k = 3 ratios split at 0.5, 0.63,
+    0.79, 1, 1.26, 1.59, 2."""
     indices = list(range(len(dataset)))
     while isinstance(dataset, torch.utils.data.Subset):
         indices = [dataset.indices[i] for i in indices]
         dataset = dataset.dataset
-    images = dataset.coco.imgs
-    ratios = [images[dataset.ids[i]]["width"] / images[dataset.ids[i]]["height"] for i in indices]
+    sizes = [_height_and_width(dataset, i) for i in indices]
+    ratios = [w / h for h, w in sizes]
     edges = [2 ** (j / k) for j in range(-k, k + 1)]
     return [bisect.bisect_right(edges, r) for r in ratios]

@@ -77,11 +77,37 @@ def test_masks_equal_the_generators_instance_maps(generated, split):
         assert target["labels"].tolist() == labels
         assert target["area"].tolist() == [float(r.sum()) for r in regions]
         assert target["iscrowd"].tolist() == [0] * len(regions)
-        # boxes: the annotation's bbox, x0 y0 x1 y1 (exclusive ends), i.e. the extent of each mask
+        # boxes: masks_to_boxes of each mask, x0 y0 x1 y1 with the last pixel's index as x1 / y1 (as the original)
         for box, region in zip(target["boxes"].tolist(), regions):
             rows, cols = np.nonzero(region)
-            assert box == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+            assert box == [cols.min(), rows.min(), cols.max(), rows.max()]
         assert target["orig_size"].tolist() == target["size"].tolist() == [h, w]
+
+
+@pytest.mark.parametrize("masks", [True, False])
+def test_boxes_are_masks_to_boxes_of_the_png_as_the_original(tmp_path, masks):
+    # an 8x6 image: segment 1 covers columns 2..5 and rows 1..3, segment 2 the rest. The original (and d2's mapper)
+    # box a segment with masks_to_boxes: the last pixel's index, [2, 1, 5, 3] (width 3), not the JSON's bbox
+    # [2, 1, 4, 3] -> [2, 1, 6, 4]; without --masks too
+    (tmp_path / "val2017").mkdir()
+    (tmp_path / "png").mkdir()
+    PIL.Image.new("RGB", (8, 6), (90, 120, 150)).save(tmp_path / "val2017" / "1.jpg")
+    ids = np.full((6, 8), 2, dtype=np.uint8)
+    ids[1:4, 2:6] = 1
+    PIL.Image.fromarray(np.stack([ids, 0 * ids, 0 * ids], axis=-1)).save(tmp_path / "png" / "1.png")
+    segments = [dict(id=1, category_id=1, bbox=[2, 1, 4, 3], area=12, iscrowd=0),
+                dict(id=2, category_id=2, bbox=[0, 0, 8, 6], area=36, iscrowd=0)]
+    data = dict(images=[dict(id=1, file_name="1.jpg", width=8, height=6)],
+                annotations=[dict(image_id=1, file_name="1.png", segments_info=segments)],
+                categories=[dict(id=1, name="thing", isthing=1), dict(id=2, name="stuff", isthing=0)])
+    (tmp_path / "panoptic.json").write_text(json.dumps(data))
+    dataset = coco_panoptic.CocoPanoptic(tmp_path / "val2017", tmp_path / "png", tmp_path / "panoptic.json",
+                                         return_masks=masks)
+    _, target = dataset[0]
+    assert target["boxes"].dtype == torch.float32
+    assert target["boxes"].tolist() == [[2, 1, 5, 3], [0, 0, 7, 5]]
+    assert ("masks" in target) == masks
+    assert target["area"].tolist() == [12, 36]  # the JSON's, as the original
 
 
 def test_categories_thing_map_and_detection_api(generated):
@@ -132,17 +158,19 @@ def test_flip_moves_masks_and_boxes_together(generated):
     img, target = dataset[1]
     _, flipped = T.RandomHorizontalFlip(1.0)(img, target)
     assert torch.equal(flipped["masks"], target["masks"].flip(-1))
+    # the original's hflip maps x to w - x, so a masks_to_boxes box (last pixel's index as x1) lands one pixel to
+    # the right of its flipped mask's first column: x0 = w - 1 - x1 + 1
     for box, mask in zip(flipped["boxes"].tolist(), flipped["masks"]):
         rows, cols = torch.nonzero(mask, as_tuple=True)
-        assert box == [cols.min().item(), rows.min().item(), cols.max().item() + 1, rows.max().item() + 1]
+        assert box == [cols.min().item() + 1, rows.min().item(), cols.max().item() + 1, rows.max().item()]
 
 
-def test_stage_one_without_masks_reads_no_png(root):
-    shutil.rmtree(root / "annotations" / "panoptic_val2017")
-    (root / "annotations" / "panoptic_val2017").mkdir()
-    dataset = _raw(root, masks=False)
-    _, target = dataset[0]
+def test_stage_one_without_masks_boxes_from_the_png(generated):
+    # the box stage returns no masks, but reads the PNG: its boxes are those of the masks (as the original)
+    _, target = _raw(generated, masks=False)[0]
+    _, with_masks = _raw(generated, masks=True)[0]
     assert "masks" not in target and len(target["boxes"]) == len(target["labels"]) > 0
+    assert torch.equal(target["boxes"], with_masks["boxes"])
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -157,6 +157,26 @@ def test_gpu_of_each_process(monkeypatch):
         udist.cuda_device_for(3)
 
 
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+@pytest.mark.parametrize("gpus,expected", [(2, 1), (1, 0)])  # 1: srun --gpus-per-task=1 shows each task its own
+def test_every_backend_on_cuda_selects_the_local_ranks_gpu(no_launcher, backend, gpus, expected):
+    # rank 1 of 2 on one node: the model (moved to "cuda", the current device) must land on the GPU that DDP's
+    # device_ids=[args.gpu] names, whatever the backend (no GPU needed: torch.cuda is mocked)
+    for k, v in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999").items():
+        no_launcher.setenv(k, v)
+    selected, groups = [], []
+    no_launcher.setattr(torch.cuda, "is_available", lambda: True)
+    no_launcher.setattr(torch.cuda, "device_count", lambda: gpus)
+    no_launcher.setattr(torch.cuda, "set_device", selected.append)
+    no_launcher.setattr(udist.dist, "init_process_group", lambda **kw: groups.append(kw))
+    no_launcher.setattr(udist, "barrier", lambda: None)
+    args = argparse.Namespace(device="cuda", dist_url="env://", dist_backend=backend, dist_timeout=1.0)
+    udist.init_distributed_mode(args)
+    assert (args.distributed, args.rank, args.world_size, args.dist_backend) == (True, 1, 2, backend)
+    assert args.gpu == expected and selected == [expected]
+    assert groups and groups[0]["backend"] == backend and groups[0]["rank"] == 1
+
+
 def test_init_and_destroy_a_one_process_gloo_group(no_launcher):
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(free_port())).items():

@@ -235,6 +235,20 @@ def test_backbone_blocks_is_an_architecture_flag():
     assert any("--backbone_blocks: checkpoint 1, this run 0" in d for d in differences)
 
 
+def test_query_groups_is_an_architecture_flag(tmp_path):
+    # --frozen_weights of a Group-DETR box model under a run without --query_groups: the error names the flag
+    import main
+    from util.checkpoint import save_checkpoint
+
+    box_args = tiny_args(query_groups=2, hidden_dim=128, nheads=8)
+    box, _, _ = build_model(box_args)
+    save_checkpoint({"model": box.state_dict(), "args": vars(box_args)}, str(tmp_path / "box.pth"))
+    args = tiny_args(hidden_dim=128, nheads=8, masks=True, frozen_weights=str(tmp_path / "box.pth"))
+    model, _, _ = build_model(args)
+    with pytest.raises(ValueError, match="--query_groups: checkpoint 2, this run 1"):
+        main.load_frozen_box_model(args, model)
+
+
 def test_imagenet_weights_of_every_resnet_are_known():
     from models.backbone import _imagenet_url, resnet_names
 

@@ -2,12 +2,14 @@
 pycocotools reads, and the issue's "errors, not crashes" list."""
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 from datasets.synthetic import generate
@@ -87,7 +89,7 @@ def test_command_writes_pngs_and_coco_results_equal_to_postprocess(tmp_path, dat
     images = sorted((data / "val2017").glob("*.jpg"))
     out = tmp_path / "out"
     summary = run_command("--resume", checkpoint, "--images", data / "val2017", "--output_dir", out,
-                          "--threshold", 0.2)
+                          "--threshold", 0.9)
     assert summary["images"] == 4 and not summary["skipped"]
     for path in images:
         with PIL.Image.open(out / f"{path.stem}.png") as png:
@@ -101,7 +103,7 @@ def test_command_writes_pngs_and_coco_results_equal_to_postprocess(tmp_path, dat
     assert {c["id"]: c["name"] for c in header.dataset["categories"]} == NAMES
 
     results = json.loads((out / "results.json").read_text())
-    expected = reference(checkpoint, images, threshold=0.2)
+    expected = reference(checkpoint, images, threshold=0.0)  # every query: --threshold only chooses what is drawn
     assert sum(len(r["scores"]) for r in expected) == len(results) > 0
     for path, ref in zip(images, expected):
         mine = [r for r in results if r["image_id"] == int(path.stem)]
@@ -276,8 +278,11 @@ def test_segmentation_model_gives_masks_and_panoptic_files(tmp_path, data):
                 "--panoptic_threshold", 0.0)
     gt = COCO(str(data / "annotations" / "instances_val2017.json"))
     results = json.loads((out / "results.json").read_text())
-    assert results and all("segmentation" in r for r in results)
-    gt.loadRes(str(out / "results.json"))  # boxes and RLE masks
+    assert results and not any("segmentation" in r for r in results)
+    gt.loadRes(str(out / "results.json"))  # boxes
+    segm = json.loads((out / "results_segm.json").read_text())
+    assert len(segm) == len(results) and all("segmentation" in r and "bbox" not in r for r in segm)
+    gt.loadRes(str(out / "results_segm.json"))  # RLE masks, their areas from the masks
 
     panoptic = json.loads((out / "panoptic.json").read_text())
     assert len(panoptic["annotations"]) == 4
@@ -339,3 +344,85 @@ def test_output_names_and_image_ids():
     assert P.image_ids(["d/000000000139.jpg", "d/42.png"]) == [139, 42]
     assert P.image_ids(["d/139.jpg", "e/139.png"]) == [1, 2]  # numbers, but not distinct
     assert P.image_ids(["cat.jpg", "42.jpg"]) == [1, 2]
+
+
+def _pycocotools_stats(annotation_file: Path, results_file: Path, iou_type: str) -> list:
+    """The 12 numbers of pycocotools' COCOeval on a results file, as a user evaluates the command's output."""
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotation_file))
+        evaluator = COCOeval(gt, gt.loadRes(str(results_file)), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator.stats.tolist()
+
+
+def _ground_truth_from_masks(data: Path, segm_results: list, root: Path) -> Path:
+    """A copy of ``data`` whose validation annotations are rectangles around each image's two best-scoring
+    predicted masks: a random mask model then scores above zero (its masks cover most of these rectangles), and
+    its masks' areas (medium) differ from its boxes' (small), so taking a mask's area from its box would show."""
+    shutil.copytree(data, root)
+    path = root / "annotations" / "instances_val2017.json"
+    instances = json.loads(path.read_text())
+    known = {c["id"] for c in instances["categories"]}
+    annotations = []
+    for image in instances["images"]:
+        mine = sorted((r for r in segm_results if r["image_id"] == image["id"] and r["category_id"] in known),
+                      key=lambda r: -r["score"])
+        for r in mine[:2]:
+            x, y, w, h = mask_util.toBbox(r["segmentation"]).tolist()
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": r["category_id"],
+                                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], "area": w * h,
+                                "bbox": [x, y, w, h], "iscrowd": 0})
+    instances["annotations"] = annotations
+    path.write_text(json.dumps(instances))
+    return root
+
+
+@pytest.mark.parametrize("masks", [False, True], ids=["boxes", "masks"])
+def test_results_evaluate_to_the_numbers_of_main_eval(tmp_path, data, masks):
+    # the command's results.json (and results_segm.json for a mask model), evaluated with pycocotools against the
+    # annotations, give main.py --eval's 12 numbers: every query (not only those drawn above --threshold), and the
+    # mask results without boxes (so that loadRes takes the areas from the masks, as the evaluation's)
+    import main as detr_main
+    from util.args import apply_dataset_recipe
+    from util.checkpoint import save_checkpoint as save_plain
+
+    # the same image size for both: main.py's --val_size / --max_size, which predict reads from the checkpoint
+    argv = ["--dataset_file", "synthetic", "--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none",
+            "--enc_layers", "1", "--dec_layers", "1", "--dim_feedforward", "64", "--num_queries", "100",
+            "--num_classes", "4", "--val_size", "64", "--max_size", "100", "--batch_size", "1", "--num_workers", "0",
+            "--coco_eval_backend", "pycocotools"]
+    argv += ["--masks", "--hidden_dim", "128", "--nheads", "8"] if masks else ["--hidden_dim", "32", "--nheads", "4"]
+    args = detr_main.parse_args(argv + ["--coco_path", str(data)])
+    apply_dataset_recipe(args)
+    torch.manual_seed(0)
+    model, _, _ = build_model(args)
+    ckpt = tmp_path / "checkpoint.pth"
+    save_plain({"model": model.state_dict(), "args": dict(vars(args))}, str(ckpt))
+
+    out = tmp_path / "out"
+    run_command("--resume", ckpt, "--images", data / "val2017", "--output_dir", out, "--no_draw")  # --threshold 0.7
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == 4 * 100 and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
+    if masks:
+        segm = json.loads((out / "results_segm.json").read_text())
+        assert len(segm) == 4 * 100 and all(set(r) == {"image_id", "category_id", "segmentation", "score"}
+                                            for r in segm)
+        data = _ground_truth_from_masks(data, segm, tmp_path / "data")
+    else:
+        assert not (out / "results_segm.json").exists()
+
+    stats = detr_main.main(detr_main.parse_args(argv + ["--coco_path", str(data), "--eval", "--resume", str(ckpt)]))
+    annotations = data / "annotations" / "instances_val2017.json"
+    assert _pycocotools_stats(annotations, out / "results.json", "bbox") == stats["coco_eval_bbox"]
+    if not masks:
+        assert max(stats["coco_eval_bbox"]) > 0  # the numbers compared are not all zero
+    else:
+        assert min(stats["coco_eval_masks"][:3]) > 0
+        assert _pycocotools_stats(annotations, out / "results_segm.json", "segm") == stats["coco_eval_masks"]

@@ -217,7 +217,7 @@ def init_distributed_mode(args) -> None:
     Reads ``args.device``, ``args.dist_url`` and, when present, ``args.dist_backend`` (auto|nccl|gloo) and
     ``args.dist_timeout`` (minutes). Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu``
     (this process's GPU: its local rank, or 0 when it sees a single GPU) and ``args.dist_backend`` (the backend
-    used). On NCCL it selects the GPU ``args.gpu``.
+    used). With ``--device cuda`` it selects the GPU ``args.gpu``, whatever the backend.
     """
     launch = detect_launch()
     if launch is None:
@@ -243,11 +243,13 @@ def init_distributed_mode(args) -> None:
     where = f"{launch.master_addr}:{launch.master_port}" if args.dist_url == "env://" else args.dist_url
 
     kwargs: dict[str, Any] = {}
-    if backend == "nccl":
+    if str(args.device).startswith("cuda") and torch.cuda.is_available():
+        # on every backend (gloo too): the model goes to the current device and DDP to device_ids=[args.gpu]
         args.gpu = cuda_device_for(launch.local_rank)
+        torch.cuda.set_device(args.gpu)
+    if backend == "nccl":
         # a failed or stuck rank aborts the others' collectives (after the timeout) instead of hanging them
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        torch.cuda.set_device(args.gpu)
         kwargs["device_id"] = torch.device("cuda", args.gpu)
     timeout_min = float(getattr(args, "dist_timeout", None) or DEFAULT_TIMEOUT_MIN)
     logger.info("distributed init (%s): rank %d of %d, local rank %d, backend %s, rendezvous %s, timeout %g min",

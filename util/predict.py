@@ -10,8 +10,12 @@ It writes, in --output_dir,
                            for segmentation models)
     <name>_attention.png   with --attention: decoder cross-attention of the detections, encoder self-attention at
                            their box centres (the paper's figures)
-    results.json           COCO results (image_id, category_id, bbox [x, y, w, h] in pixels, score, and RLE
-                           'segmentation' for mask models): what pycocotools' ``COCO.loadRes`` reads
+    results.json           COCO box results (image_id, category_id, bbox [x, y, w, h] in pixels, score) of every
+                           query, whatever --threshold (which only chooses what is drawn), as the evaluation
+                           scores them: what pycocotools' ``COCO.loadRes`` reads; COCOeval of it against the images'
+                           annotations gives main.py --eval's numbers (same val_size / max_size, --batch_size 1)
+    results_segm.json      mask models: the same for the masks (RLE 'segmentation', no 'bbox', so that loadRes
+                           takes each area from its mask, as the evaluation does)
     images.json            the COCO 'images' and 'categories' the results refer to, so that
                            ``COCO('images.json').loadRes('results.json')`` works without ground truth
     panoptic.json + panoptic/<name>.png    for panoptic models, in the COCO panoptic format
@@ -32,6 +36,7 @@ checkpoint's values, 800 / 1333 for the published models). Unreadable files are 
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -46,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from datasets.coco_categories import COCO_CATEGORY_NAMES, COCO_PANOPTIC_CATEGORY_NAMES, COCO_PANOPTIC_THING_IDS
+from datasets.coco_eval import prepare_for_coco_detection, prepare_for_coco_segmentation
 from datasets.transforms import make_coco_transforms
 from models.detr import PostProcess
 from models.segmentation import DETRsegm, PostProcessPanoptic, PostProcessSegm, rgb2id
@@ -89,6 +95,15 @@ class Prediction:
     def size(self) -> tuple:
         """(h, w) of the image."""
         return self.image.height, self.image.width
+
+    def above(self, score_threshold: float) -> "Prediction":
+        """The detections whose score exceeds ``score_threshold`` (the panoptic segmentation and the attention
+        maps, which do not depend on it, are kept)."""
+        keep = self.scores > score_threshold
+        return dataclasses.replace(
+            self, scores=self.scores[keep], labels=self.labels[keep], boxes=self.boxes[keep],
+            names=[n for n, k in zip(self.names, keep.tolist()) if k], queries=self.queries[keep],
+            masks=None if self.masks is None else self.masks[keep])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,10 +413,11 @@ class Predictor:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def iter_predict(self, images: Union[ImageInput, Sequence[ImageInput]], score_threshold: float = 0.7,
+    def iter_predict(self, images: Union[ImageInput, Sequence[ImageInput]], score_threshold: Optional[float] = 0.7,
                      batch_size: int = 1, attention: bool = False, num_workers: int = 0,
                      skipped: Optional[list] = None, progress: bool = False) -> Iterator[Prediction]:
-        """Predictions one image at a time, in input order; unreadable images are logged, appended to
+        """Predictions one image at a time, in input order, of the queries scoring above ``score_threshold``
+        (None: every query, as COCO evaluation ranks them); unreadable images are logged, appended to
         ``skipped`` as (source, reason) and left out. ``batch_size`` images of different sizes are padded into one
         batch, as in evaluation (their predictions differ very slightly from one-by-one ones: the backbone
         sees the padding at their borders)."""
@@ -429,12 +445,13 @@ class Predictor:
             if bar is not None:
                 bar.close()
 
-    def __call__(self, images: Union[ImageInput, Sequence[ImageInput]], score_threshold: float = 0.7,
+    def __call__(self, images: Union[ImageInput, Sequence[ImageInput]], score_threshold: Optional[float] = 0.7,
                  batch_size: int = 1, attention: bool = False, **kwargs) -> List[Prediction]:
         """All predictions as a list (see ``iter_predict``)."""
         return list(self.iter_predict(images, score_threshold, batch_size, attention, **kwargs))
 
-    def _predict_batch(self, batch: list, sources: list, score_threshold: float, attention: bool) -> List[Prediction]:
+    def _predict_batch(self, batch: list, sources: list, score_threshold: Optional[float],
+                       attention: bool) -> List[Prediction]:
         images = [image for _, image, _ in batch]
         samples = nested_tensor_from_tensor_list([t for _, _, t in batch]).to(self.device)
         input_sizes = torch.tensor([list(t.shape[-2:]) for _, _, t in batch])  # [B, 2] (h, w) resized
@@ -452,7 +469,8 @@ class Predictor:
         outputs = {k: v.float() for k, v in outputs.items() if isinstance(v, Tensor)}
 
         results = PostProcess()(outputs, orig_sizes.to(self.device))
-        keeps = [r["scores"] > score_threshold for r in results]
+        lowest = -1.0 if score_threshold is None else score_threshold  # scores are probabilities: -1 keeps all
+        keeps = [r["scores"] > lowest for r in results]
         queries = [keep.nonzero()[:, 0].cpu() for keep in keeps]
         if self.masks:
             # filters scores, labels and boxes by the same threshold and adds [N, 1, H, W] uint8 masks
@@ -565,21 +583,14 @@ def image_ids(sources: Sequence[str]) -> List[int]:
     return list(range(1, len(sources) + 1))
 
 
-def coco_results(prediction: Prediction, image_id: int) -> List[dict]:
-    """COCO results of one image: bbox [x, y, w, h] in pixels, score, category_id, and an RLE 'segmentation'
-    for mask models."""
-    boxes = prediction.boxes.tolist()
-    out = []
-    for k, ((x0, y0, x1, y1), score, label) in enumerate(zip(boxes, prediction.scores.tolist(),
-                                                             prediction.labels.tolist())):
-        entry = {"image_id": image_id, "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0],
-                 "score": score}
-        if prediction.masks is not None:
-            from pycocotools import mask as mask_util
-
-            rle = mask_util.encode(np.asfortranarray(prediction.masks[k].numpy().astype(np.uint8)))
-            entry["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-        out.append(entry)
+def coco_results(prediction: Prediction, image_id: int) -> Dict[str, List[dict]]:
+    """COCO results of one image, built as the evaluation builds them (``datasets.coco_eval``): 'bbox' (bbox
+    [x, y, w, h] in pixels, score, category_id) and, for mask models, 'segm' (an RLE 'segmentation' instead of the
+    box: pycocotools' loadRes takes the area of an entry with a box from the box)."""
+    fields = {"scores": prediction.scores, "labels": prediction.labels, "boxes": prediction.boxes}
+    out = {"bbox": prepare_for_coco_detection(image_id, fields)}
+    if prediction.masks is not None:
+        out["segm"] = prepare_for_coco_segmentation(image_id, dict(fields, masks=prediction.masks[:, None]))
     return out
 
 
@@ -611,7 +622,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", nargs="+", required=True, help="image files and folders (their image files)")
     parser.add_argument("--output_dir", required=True, help="where the PNGs and JSON files go")
     parser.add_argument("--threshold", default=0.7, type=float,
-                        help="keep detections whose class probability exceeds this")
+                        help="draw detections whose class probability exceeds this (the JSON results hold every "
+                             "query, as the evaluation scores them)")
     parser.add_argument("--panoptic_threshold", default=0.85, type=float,
                         help="panoptic models: minimum class probability of a segment (the original's 0.85)")
     parser.add_argument("--categories", default=None,
@@ -634,8 +646,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def planned_files(output_dir: Path, names: Sequence[str], draw: bool, attention: bool, panoptic: bool) -> List[Path]:
+def planned_files(output_dir: Path, names: Sequence[str], draw: bool, attention: bool, panoptic: bool,
+                  masks: bool = False) -> List[Path]:
     files = [output_dir / "results.json", output_dir / "images.json"]
+    if masks:
+        files.append(output_dir / "results_segm.json")
     if panoptic:
         files.append(output_dir / "panoptic.json")
         files += [output_dir / "panoptic" / f"{n}.png" for n in names]
@@ -664,7 +679,8 @@ def run(args: argparse.Namespace) -> dict:
         predictor = Predictor.from_checkpoint(args.resume, category_names=args.categories, **kwargs)
     panoptic = predictor.masks and predictor.thing_ids is not None
     draw = not args.no_draw
-    existing = [p for p in planned_files(output_dir, names, draw, args.attention, panoptic) if p.exists()]
+    existing = [p for p in planned_files(output_dir, names, draw, args.attention, panoptic, predictor.masks)
+                if p.exists()]
     if existing and not args.overwrite:
         more = f" (and {len(existing) - 1} more output files)" if len(existing) > 1 else ""
         raise FileExistsError(f"{existing[0]} exists{more}: pass --overwrite to replace the outputs of an earlier run, "
@@ -673,15 +689,19 @@ def run(args: argparse.Namespace) -> dict:
 
     ids = image_ids([describe(s, i) for i, s in enumerate(sources)])
     name_of = {describe(s, i): (n, image_id) for i, (s, n, image_id) in enumerate(zip(sources, names, ids))}
-    results, images, panoptic_annotations, skipped = [], [], [], []
+    results: Dict[str, List[dict]] = {"bbox": [], "segm": []}
+    images, panoptic_annotations, skipped = [], [], []
     num_detections, start = 0, time.perf_counter()
-    for pred in predictor.iter_predict(sources, score_threshold=args.threshold, batch_size=args.batch_size,
-                                       attention=args.attention, num_workers=args.num_workers, skipped=skipped,
-                                       progress=sys.stderr.isatty()):
-        name, image_id = name_of[pred.source]
+    # every query, as the evaluation ranks them (the JSON results); --threshold only chooses what is drawn
+    for everything in predictor.iter_predict(sources, score_threshold=None, batch_size=args.batch_size,
+                                             attention=args.attention, num_workers=args.num_workers,
+                                             skipped=skipped, progress=sys.stderr.isatty()):
+        name, image_id = name_of[everything.source]
+        for iou_type, entries in coco_results(everything, image_id).items():
+            results[iou_type] += entries
+        pred = everything.above(args.threshold)
         images.append({"id": image_id, "file_name": Path(pred.source).name if not pred.source.startswith("<")
                        else f"{name}.png", "height": pred.size[0], "width": pred.size[1]})
-        results += coco_results(pred, image_id)
         num_detections += len(pred.scores)
         if draw:
             visualize.save_figure(visualize.plot_prediction(pred), output_dir / f"{name}.png")
@@ -696,8 +716,10 @@ def run(args: argparse.Namespace) -> dict:
     if not images:
         raise ImageError(f"none of the {len(sources)} images could be read: " + "; ".join(r for _, r in skipped))
 
-    categories = _categories(predictor, results, panoptic_annotations)
-    write_json(output_dir / "results.json", results)
+    categories = _categories(predictor, results["bbox"], panoptic_annotations)
+    write_json(output_dir / "results.json", results["bbox"])
+    if predictor.masks:
+        write_json(output_dir / "results_segm.json", results["segm"])
     write_json(output_dir / "images.json", {"images": images, "annotations": [], "categories": categories})
     if panoptic:
         write_json(output_dir / "panoptic.json", {"images": images, "annotations": panoptic_annotations,

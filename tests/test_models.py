@@ -262,6 +262,38 @@ def test_spatial_prior_is_its_own_module_with_the_old_state_dict_keys():
     assert plain.spatial_prior is None
 
 
+@pytest.mark.parametrize("dataset_file, flags, class_outputs", [
+    ("coco", [], 92),
+    ("coco_panoptic", ["--masks", "--hidden_dim", "128", "--nheads", "8"], 251),
+])
+def test_build_model_derives_num_classes_of_known_datasets(dataset_file, flags, class_outputs):
+    """The original's scripts call build_model on the parser's output without --num_classes: 91 classes for coco,
+    250 for coco_panoptic (+1 for no-object), and a panoptic post-processor for coco_panoptic."""
+    from main import get_args_parser
+
+    args = get_args_parser().parse_args(["--dataset_file", dataset_file, "--backbone", "resnet18",
+                                         "--backbone_weights", "none", "--device", "cpu", "--hidden_dim", "32",
+                                         "--nheads", "4", "--enc_layers", "1", "--dec_layers", "1",
+                                         "--dim_feedforward", "64", "--num_queries", "5", *flags])
+    assert args.num_classes is None
+    model, criterion, postprocessors = build_model(args)
+    detr = model.detr if args.masks else model
+    assert detr.class_embed.out_features == class_outputs
+    assert criterion.num_classes == class_outputs - 1
+    assert ("panoptic" in postprocessors) == (dataset_file == "coco_panoptic")
+    if dataset_file == "coco_panoptic":  # ids up to 90 are things, as the original's post-processor
+        is_thing_map = postprocessors["panoptic"].is_thing_map
+        assert is_thing_map[1] and is_thing_map[90] and not is_thing_map[92] and not is_thing_map[200]
+
+
+def test_known_class_counts_are_one_table():
+    import datasets
+    from util.args import KNOWN_NUM_CLASSES
+
+    assert datasets.NUM_CLASSES is KNOWN_NUM_CLASSES
+    assert KNOWN_NUM_CLASSES == {"coco": 91, "coco_panoptic": 250}
+
+
 def test_models_do_not_import_datasets():
     import subprocess
     import sys

@@ -3,7 +3,11 @@ import torch
 
 from models import build_model
 from models.backbone import load_backbone_weights
-from util.nested_tensor import nested_tensor_from_tensor_list
+from typing import List
+
+from torch import Tensor, nn
+
+from util.misc import nested_tensor_from_tensor_list
 
 from conftest import load_golden, make_args, tiny_args
 
@@ -337,6 +341,24 @@ def _assert_scripted_equal(model, samples):
 def test_scripted_model_equals_eager(overrides):
     model, _, _ = build_model(tiny_args(**overrides))
     _assert_scripted_equal(model, _two_images())
+
+
+class Wrapped(nn.Module):
+    """A user's module, as in the original's tests: it batches a list of images itself."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: List[Tensor]):
+        return self.model(nested_tensor_from_tensor_list(inputs))
+
+
+def test_a_users_scripted_wrapper_batching_a_list_of_images_equals_eager():
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_args(enc_layers=1, dec_layers=1))
+    torch.manual_seed(1)
+    _assert_scripted_equal(Wrapped(model), [torch.rand(3, 96, 128), torch.rand(3, 112, 80)])
 
 
 def test_scripted_parts_equal_eager():

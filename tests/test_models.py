@@ -339,6 +339,8 @@ def _assert_scripted_equal(model, samples):
     dict(masks=True, hidden_dim=128, nheads=8, spatial_prior=True),
 ])
 def test_scripted_model_equals_eager(overrides):
+    """The one equality test of the scripted model: the hub entrypoints build through build_model too (R50 and
+    panoptic differ only in depth and flags covered here)."""
     model, _, _ = build_model(tiny_args(**overrides))
     _assert_scripted_equal(model, _two_images())
 

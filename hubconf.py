@@ -8,13 +8,13 @@ models and trained models can never drift apart. ``pretrained=True`` goes throug
 """
 from models import build_model
 from models.segmentation import PostProcessPanoptic
-from util.args import get_args_parser
+from util.args import KNOWN_THING_IDS, get_args_parser
 from util.checkpoint import load_checkpoint, load_model_state
 
 dependencies = ["torch", "torchvision"]
 
 # COCO panoptic: category ids up to 90 are things, the rest (92..200) stuff, as the published models were trained
-COCO_PANOPTIC_THING_IDS = list(range(91))
+COCO_PANOPTIC_THING_IDS = KNOWN_THING_IDS["coco_panoptic"]
 
 _URLS = {
     "detr_resnet50": "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",

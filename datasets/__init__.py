@@ -5,13 +5,14 @@ from pathlib import Path
 import torch.utils.data
 from pycocotools.coco import COCO
 
+from util.args import KNOWN_NUM_CLASSES
 from util.errors import UserFileNotFoundError, UserValueError
 
 from . import coco
 
-# the original's class counts: max category id + 1 (COCO ids run to 90, panoptic ids to 200 and the
-# original kept 250 for the panoptic head)
-NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
+# the class counts known without reading data (91 for coco, 250 for coco_panoptic, the original's): one table, shared
+# with models.build_model, which cannot import datasets/
+NUM_CLASSES = KNOWN_NUM_CLASSES
 SUPPORTED = "coco, coco_panoptic, synthetic or synthetic_panoptic"
 
 

@@ -10,6 +10,7 @@ from models.matcher import build_matcher
 from models.segmentation import DETRsegm, PostProcessPanoptic, PostProcessSegm, dice_loss, sigmoid_focal_loss
 from models.spatial_prior import SpatialPrior
 from models.transformer import build_transformer
+from util.args import KNOWN_NUM_CLASSES, KNOWN_THING_IDS
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from util.dist import get_world_size, is_dist_avail_and_initialized
 from util.metrics import accuracy
@@ -321,12 +322,16 @@ def build_weight_dict(args) -> dict[str, float]:
 def build(args):
     """Returns (model, criterion, postprocessors) from the parsed command-line arguments.
 
-    ``args.num_classes`` must be set: the dataset owns its class count (main.py derives it when the user did not
-    give --num_classes). With ``--masks`` on a panoptic dataset, ``args.thing_ids`` lists the category ids that
-    are things (the rest are stuff), and ``args.category_names`` {id: name} the categories, also taken from the
-    dataset; a 'panoptic' post-processor is built whenever ``args.thing_ids`` is set.
+    The dataset owns its class count: ``args.num_classes`` when set (main.py derives it from the dataset when the
+    user did not give --num_classes), else the count of a dataset known without reading its files
+    (``util.args.KNOWN_NUM_CLASSES``: 91 for coco, 250 for coco_panoptic, as the original). With ``--masks`` on a
+    panoptic dataset, ``args.thing_ids`` lists the category ids that are things (the rest are stuff; default
+    ``util.args.KNOWN_THING_IDS``), and ``args.category_names`` {id: name} the categories, also taken from the
+    dataset; a 'panoptic' post-processor is built whenever the thing ids are known.
     """
     num_classes = args.num_classes
+    if num_classes is None:
+        num_classes = KNOWN_NUM_CLASSES.get(args.dataset_file)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"build_model: num_classes must be a positive integer, got {num_classes!r} "
                          f"(set --num_classes, or let main.py take it from the dataset)")
@@ -348,10 +353,9 @@ def build(args):
     if args.masks:
         postprocessors["segm"] = PostProcessSegm()
         thing_ids = getattr(args, "thing_ids", None)
-        if args.dataset_file == "coco_panoptic" or thing_ids is not None:
-            if thing_ids is None:
-                raise ValueError("build_model: a panoptic model needs args.thing_ids, the category ids that are "
-                                 "things (main.py takes them from the dataset's categories)")
+        if thing_ids is None:
+            thing_ids = KNOWN_THING_IDS.get(args.dataset_file)
+        if thing_ids is not None:
             things = set(thing_ids)
             # the dataset's categories when known (a class that is none of them makes no panoptic segment)
             category_ids = getattr(args, "category_names", None) or range(num_classes + 1)

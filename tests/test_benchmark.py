@@ -2,10 +2,29 @@
 from util import benchmark
 
 
-def test_quick_benchmark_prints_every_section(capsys):
+def test_quick_benchmark_table_has_a_measured_row_for_each_chosen_section(capsys):
+    import re
+
     text = benchmark.main(["--quick", "--only", "matcher", "data"])
-    assert "matmul peak fp32" in text and "Matcher per training step" in text and "images/s" in text
-    assert "| row | seconds | ratio | GFLOP/s | note |" in text
+    lines = text.splitlines()
+    assert lines[:2] == ["| row | seconds | ratio | GFLOP/s | note |", "|---|---:|---:|---|---|"]
+    rows = [line[2:-2].split(" | ") for line in lines[2:]]
+    sections = [r[0] for r in rows if r[0].startswith("**")]
+    # the machine, then only the chosen sections, in order
+    assert len(sections) == 3 and "Matcher per training step" in sections[1] and "Data loading" in sections[2]
+    by_name = {r[0]: r for r in rows}
+    for dtype in ("fp32", "bf16", "fp16"):
+        assert float(re.match(r"([\d.]+) GFLOP/s", by_name[f"matmul peak {dtype}"][4]).group(1)) > 0
+    # the matcher: the reference row has ratio 1, the other a ratio to it; both timed
+    one, together = by_name["layer by layer (one host copy each)"], by_name["all layers together (one host copy)"]
+    assert one[2] == "1.00x" and re.fullmatch(r"\d+\.\d\dx", together[2])
+    assert float(one[1]) >= 0 and float(together[1]) >= 0
+    # data loading: seconds per image and its images/s, for both sizes
+    for name in ("synthetic recipe (128 px)", "COCO sizes (shorter side 800)"):
+        assert float(by_name[name][1]) >= 0 and re.fullmatch(r"\d+ images/s \(seconds per image\)", by_name[name][4])
+    assert len(rows) == 3 + 3 + 2 + 2  # sections + 3 matmul peaks + 2 matcher rows + 2 data rows
+    out = capsys.readouterr().out
+    assert text in out  # the table is printed too
 
 
 def test_plain_reference_is_the_unoptimised_path():
@@ -23,9 +42,16 @@ def test_plain_reference_is_the_unoptimised_path():
 def test_segm_memory_benchmark_runs_every_variant(capsys):
     from util import bench_segm
 
-    rows = bench_segm.main(["--num_queries", "4", "--height", "64", "--width", "64"])
+    # 100 queries upsampled at once to 400x532 hold 100 x 400 x 532 float32 logits (81 MiB); chunks of 10 hold a
+    # tenth of them at a time (memory, not time). The rise is above the process's earlier peak (its imports), so
+    # only part of the 81 MiB shows: at least a quarter
+    rows = bench_segm.main(["--num_queries", "100", "--height", "400", "--width", "532"])
     assert [r["variant"] for r in rows] == list(bench_segm.VARIANTS)
-    assert all(r["peak_mib"] >= 0 for r in rows)
+    all_at_once, chunked, above_threshold = (r["peak_mib"] for r in rows)
+    assert all_at_once >= 100 * 400 * 532 * 4 / 2 ** 20 / 4
+    assert chunked < all_at_once / 2
+    assert above_threshold <= chunked + 1  # fewer kept queries, no more memory
+    assert "ratio" in capsys.readouterr().out
 
 
 def test_flops_of_a_model_in_eval_mode_under_no_grad():

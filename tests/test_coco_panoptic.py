@@ -235,9 +235,16 @@ def test_missing_flags_and_detection_annotations(root):
 
 
 def test_masks_on_a_dataset_without_masks(root):
-    # a COCO instances file with boxes only: --masks must stop at build time, naming the file and annotation
+    # a COCO instances file with boxes only: --masks must stop at build time, naming the file and annotation, and
+    # main.py stops there, before building a model or training
+    import main
+
     _edit_json(root / "annotations" / "instances_val2017.json",
                lambda d: [a.pop("segmentation") for a in d["annotations"]])
     coco.build("val", Namespace(coco_path=str(root), dataset_file="coco", masks=False))
-    with pytest.raises(coco.DatasetError, match=r"instances_val2017.json: annotation id \d+ .* has no 'segmentation'"):
+    message = r"instances_val2017.json: annotation id \d+ .* has no 'segmentation'"
+    with pytest.raises(coco.DatasetError, match=message):
         coco.build("val", Namespace(coco_path=str(root), dataset_file="coco", masks=True))
+    with pytest.raises(coco.DatasetError, match=message):
+        main.main(main.parse_args(["--dataset_file", "coco", "--coco_path", str(root), "--masks", "--device", "cpu",
+                                   "--backbone", "resnet18", "--backbone_weights", "none", "--num_workers", "0"]))

@@ -105,30 +105,6 @@ def test_wrong_checkpoint_names_the_offending_keys(hub_cache):
     assert "segmentation (--masks)" in msg
 
 
-# the R50 box and panoptic models run by default; the other five share their code (another depth, or a dilation)
-SCRIPT_BY_DEFAULT = ("detr_resnet50", "detr_resnet50_panoptic")
-
-
-@pytest.mark.parametrize("name", [n if n in SCRIPT_BY_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in sorted(ENTRYPOINTS)])
-def test_hub_models_script_and_equal_eager(name):
-    import warnings
-
-    from util.nested_tensor import nested_tensor_from_tensor_list
-
-    torch.manual_seed(0)
-    model = getattr(hubconf, name)().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in recent torch
-        scripted = torch.jit.script(model)
-    samples = nested_tensor_from_tensor_list([torch.rand(3, 96, 128), torch.rand(3, 128, 96)])
-    with torch.no_grad():
-        eager, script = model(samples), scripted(samples)
-    assert sorted(eager) == sorted(script)
-    for k in eager:
-        assert torch.equal(eager[k], script[k]), k
-
-
 def _offline(monkeypatch):
     import urllib.error
 

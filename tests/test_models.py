@@ -3,7 +3,11 @@ import torch
 
 from models import build_model
 from models.backbone import load_backbone_weights
-from util.nested_tensor import nested_tensor_from_tensor_list
+from typing import List
+
+from torch import Tensor, nn
+
+from util.misc import nested_tensor_from_tensor_list
 
 from conftest import load_golden, make_args, tiny_args
 
@@ -276,6 +280,38 @@ def test_spatial_prior_is_its_own_module_with_the_old_state_dict_keys():
     assert plain.spatial_prior is None
 
 
+@pytest.mark.parametrize("dataset_file, flags, class_outputs", [
+    ("coco", [], 92),
+    ("coco_panoptic", ["--masks", "--hidden_dim", "128", "--nheads", "8"], 251),
+])
+def test_build_model_derives_num_classes_of_known_datasets(dataset_file, flags, class_outputs):
+    """The original's scripts call build_model on the parser's output without --num_classes: 91 classes for coco,
+    250 for coco_panoptic (+1 for no-object), and a panoptic post-processor for coco_panoptic."""
+    from main import get_args_parser
+
+    args = get_args_parser().parse_args(["--dataset_file", dataset_file, "--backbone", "resnet18",
+                                         "--backbone_weights", "none", "--device", "cpu", "--hidden_dim", "32",
+                                         "--nheads", "4", "--enc_layers", "1", "--dec_layers", "1",
+                                         "--dim_feedforward", "64", "--num_queries", "5", *flags])
+    assert args.num_classes is None
+    model, criterion, postprocessors = build_model(args)
+    detr = model.detr if args.masks else model
+    assert detr.class_embed.out_features == class_outputs
+    assert criterion.num_classes == class_outputs - 1
+    assert ("panoptic" in postprocessors) == (dataset_file == "coco_panoptic")
+    if dataset_file == "coco_panoptic":  # ids up to 90 are things, as the original's post-processor
+        is_thing_map = postprocessors["panoptic"].is_thing_map
+        assert is_thing_map[1] and is_thing_map[90] and not is_thing_map[92] and not is_thing_map[200]
+
+
+def test_known_class_counts_are_one_table():
+    import datasets
+    from util.args import KNOWN_NUM_CLASSES
+
+    assert datasets.NUM_CLASSES is KNOWN_NUM_CLASSES
+    assert KNOWN_NUM_CLASSES == {"coco": 91, "coco_panoptic": 250}
+
+
 def test_models_do_not_import_datasets():
     import subprocess
     import sys
@@ -317,8 +353,28 @@ def _assert_scripted_equal(model, samples):
     dict(masks=True, hidden_dim=128, nheads=8, spatial_prior=True),
 ])
 def test_scripted_model_equals_eager(overrides):
+    """The one equality test of the scripted model: the hub entrypoints build through build_model too (R50 and
+    panoptic differ only in depth and flags covered here)."""
     model, _, _ = build_model(tiny_args(**overrides))
     _assert_scripted_equal(model, _two_images())
+
+
+class Wrapped(nn.Module):
+    """A user's module, as in the original's tests: it batches a list of images itself."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: List[Tensor]):
+        return self.model(nested_tensor_from_tensor_list(inputs))
+
+
+def test_a_users_scripted_wrapper_batching_a_list_of_images_equals_eager():
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_args(enc_layers=1, dec_layers=1))
+    torch.manual_seed(1)
+    _assert_scripted_equal(Wrapped(model), [torch.rand(3, 96, 128), torch.rand(3, 112, 80)])
 
 
 def test_scripted_parts_equal_eager():

@@ -14,30 +14,36 @@ from util.plot_utils import ewm_mean, plot_logs, plot_precision_recall
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _write_log(folder, epochs=4, eval_every=2):
+def _write_log(folder, epochs=4):
+    """A log.txt written by main.py's own writer: train and test metrics of every epoch (main.py evaluates after
+    each one)."""
+    from main import write_epoch_outputs
+
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "log.txt", "w") as f:
-        for epoch in range(epochs):
-            row = {"train_lr": 1e-4, "train_loss": 10.0 / (epoch + 1), "train_class_error": 50.0 - epoch,
-                   "train_loss_bbox_unscaled": 0.3 - 0.01 * epoch, "epoch": epoch, "n_parameters": 41000000}
-            if epoch % eval_every == eval_every - 1:  # test metrics only on some epochs, like --eval_every
-                row.update({"test_loss": 9.0 / (epoch + 1), "test_class_error": 40.0 - epoch,
-                            "test_loss_bbox_unscaled": 0.25,
-                            "test_coco_eval_bbox": [0.1 * epoch, 0.2 * epoch] + [0.0] * 10})
-            f.write(json.dumps(row) + "\n")
+    for epoch in range(epochs):
+        row = {"train_lr": 1e-4, "train_loss": 10.0 / (epoch + 1), "train_class_error": 50.0 - epoch,
+               "train_loss_bbox_unscaled": 0.3 - 0.01 * epoch,
+               "test_loss": 9.0 / (epoch + 1), "test_class_error": 40.0 - epoch, "test_loss_bbox_unscaled": 0.25,
+               "test_coco_eval_bbox": [0.1 * epoch, 0.2 * epoch] + [0.0] * 10,
+               "epoch": epoch, "n_parameters": 41000000, "elapsed_s": 60.0 * (epoch + 1)}
+        write_epoch_outputs(folder, row, None, epoch)
     return folder
 
 
 def test_plot_logs_writes_png(tmp_path):
-    run1, run2 = _write_log(tmp_path / "run1"), _write_log(tmp_path / "run2", epochs=6, eval_every=1)
+    run1, run2 = _write_log(tmp_path / "run1"), _write_log(tmp_path / "run2", epochs=6)
     fig, axs, png = plot_logs([run1, run2], output=tmp_path / "logs.png")
     assert png == tmp_path / "logs.png" and png.read_bytes().startswith(PNG_MAGIC)
     assert [ax.get_title() for ax in axs] == ["class_error", "loss_bbox_unscaled", "mAP"]
-    # mAP is AP@[.50:.95], element 0 of test_coco_eval_bbox, plotted only at evaluated epochs
-    x, y = axs[2].get_lines()[0].get_data()
-    assert list(x) == [1, 3] and np.allclose(y, [0.1, 0.3])
-    # train and test curves for each run
-    assert len(axs[0].get_lines()) == 4
+    # mAP is AP@[.50:.95], element 0 of test_coco_eval_bbox, one point per epoch of each run
+    for line, epochs in zip(axs[2].get_lines(), (4, 6)):
+        x, y = line.get_data()
+        assert list(x) == list(range(epochs)) and np.allclose(y, [0.1 * e for e in range(epochs)])
+    # a train (solid) and a test (dashed) curve for each run, with the logged values
+    lines = axs[0].get_lines()
+    assert [line.get_linestyle() for line in lines] == ["-", "--", "-", "--"]
+    assert np.allclose(lines[2].get_data()[1], [50.0 - e for e in range(6)])
+    assert np.allclose(lines[3].get_data()[1], [40.0 - e for e in range(6)])
 
 
 def test_plot_logs_single_folder_default_output_and_fields(tmp_path):
@@ -45,7 +51,7 @@ def test_plot_logs_single_folder_default_output_and_fields(tmp_path):
     fig, axs, png = plot_logs(run, fields=("loss", "AP50"), ewm_col=1)
     assert png == run / "plot_logs.png" and png.is_file()
     _, y = axs[1].get_lines()[0].get_data()
-    assert np.allclose(y, ewm_mean(np.array([0.2, 0.6]), 1))
+    assert np.allclose(y, ewm_mean(np.array([0.0, 0.2, 0.4, 0.6]), 1))
 
 
 def test_plot_logs_missing(tmp_path):

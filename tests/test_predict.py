@@ -333,9 +333,26 @@ def test_published_checkpoint_gets_coco_names_and_its_class_count(tmp_path, data
     assert len(pred.names) == 100
 
 
-def test_progress_bar_on_folders(data, checkpoint, capsys):
-    P.Predictor.from_checkpoint(str(checkpoint), device="cpu")(data / "val2017", progress=True)
-    assert "4/4" in capsys.readouterr().err
+def test_progress_bar_on_folders(data, checkpoint, capsys, tmp_path):
+    """A bar on stderr counting every image of the folder, unreadable ones included; none when off or for one
+    image; the predictions are the same with it."""
+    import shutil
+
+    folder = Path(shutil.copytree(data / "val2017", tmp_path / "images"))  # 4 images
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    predictor = P.Predictor.from_checkpoint(str(checkpoint), device="cpu")
+    capsys.readouterr()
+    quiet = predictor(folder, score_threshold=0.0, batch_size=2)
+    assert "/5" not in capsys.readouterr().err
+    skipped = []
+    shown = predictor(folder, score_threshold=0.0, batch_size=2, progress=True, skipped=skipped)
+    err = capsys.readouterr().err
+    assert "0/5" in err and "5/5" in err and "img" in err  # drawn at the start, closed full
+    assert len(skipped) == 1 and len(shown) == 4
+    assert [p.source for p in shown] == [p.source for p in quiet]
+    assert all(torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores) for a, b in zip(shown, quiet))
+    predictor(sorted(folder.glob("*.jpg"))[0], progress=True)
+    assert "/1" not in capsys.readouterr().err  # no bar for a single image
 
 
 def test_output_names_and_image_ids():

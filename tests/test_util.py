@@ -1,9 +1,17 @@
 """The original's util.misc names that users' scripts import, restored as thin wrappers."""
 import builtins
+import warnings
+from typing import List, Tuple
 
+import pytest
 import torch
+from torch import Tensor
 
 import util.misc as misc
+
+# the names of the original's util.misc that scripted (its NestedTensor was a TorchScript class; interpolate carried a
+# TorchScript type comment)
+SCRIPTABLE = ("NestedTensor", "nested_tensor_from_tensor_list", "interpolate")
 
 
 def test_util_misc_names_of_the_original():
@@ -12,6 +20,35 @@ def test_util_misc_names_of_the_original():
                  "setup_for_distributed", "init_distributed_mode", "interpolate", "get_sha", "accuracy",
                  "is_dist_avail_and_initialized"):
         assert hasattr(misc, name), name
+
+
+def _users_function(images: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """A user's function calling each scriptable name of util.misc."""
+    batch = misc.nested_tensor_from_tensor_list(images)
+    batch = misc.NestedTensor(batch.tensors * 2, batch.mask).to(torch.device("cpu"))
+    tensors, mask = batch.decompose()
+    assert mask is not None
+    return (misc.interpolate(tensors, size=[16, 12], mode="bilinear", align_corners=False),
+            misc.interpolate(mask[:, None].float(), scale_factor=0.5))
+
+
+@pytest.mark.parametrize("name", SCRIPTABLE)
+def test_scriptable_names_of_the_original_script(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in recent torch
+        torch.jit.script(getattr(misc, name))
+
+
+def test_scriptable_names_script_within_a_users_scripted_function():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(_users_function)
+    images = [torch.rand(3, 10, 7), torch.rand(3, 6, 9)]
+    for eager, script in zip(_users_function(images), scripted(images)):
+        assert torch.equal(eager, script)
+    resized, mask = scripted(images)
+    assert resized.shape == (2, 3, 16, 12) and mask.shape == (2, 1, 5, 4)
+    assert mask[1, 0, 4].eq(1).all() and not mask[0].any()  # the second image is padded at the bottom
 
 
 def test_interpolate_is_torchs_including_empty_batches():

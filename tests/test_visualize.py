@@ -218,9 +218,33 @@ def test_attention_figures_and_maps(model):
     enc = pred.attention["encoder.0.self_attn"]
     i, j = V.feature_cell(pred, (50, 30), enc.shape[:2])
     assert torch.equal(V.encoder_attention_map(pred, (50, 30)), enc[i, j])
-    for fig in (V.plot_attention(pred, max_predictions=3), V.plot_decoder_attention(pred, [0, 1]),
-                V.plot_encoder_attention(pred, [(10, 10), (50, 30)])):
-        assert render(fig).shape[0] > 100
+
+    def shown(ax) -> np.ndarray:  # the attention map drawn over the image in a panel (the second image of its axes)
+        return ax.get_images()[1].get_array().data
+
+    # the paper's decoder figure: per detection, its query's attention (top) and its box (bottom)
+    fig = V.plot_decoder_attention(pred, [0, 1])
+    top, bottom = fig.axes[:2], fig.axes[2:]
+    assert [ax.get_title() for ax in top] == [f"query {int(pred.queries[k])}" for k in (0, 1)]
+    for ax, k in zip(top, (0, 1)):
+        assert np.array_equal(shown(ax), V.decoder_attention_map(pred, k).numpy())
+    assert [ax.get_title() for ax in bottom] == [f"{pred.names[k]} {float(pred.scores[k]):.2f}" for k in (0, 1)]
+    assert all(len(ax.patches) == 1 for ax in bottom)  # each detection's box
+    # the encoder figure: the points, then the self-attention of the feature cell under each point
+    points = [(10, 10), (50, 30)]
+    fig = V.plot_encoder_attention(pred, points)
+    assert [ax.get_title() for ax in fig.axes] == ["points", "self-attention at (10, 10)", "self-attention at (50, 30)"]
+    for ax, point in zip(fig.axes[1:], points):
+        assert np.array_equal(shown(ax), V.encoder_attention_map(pred, point).numpy())
+    assert render(fig).shape[1] == round(3 * 2.6 * 100)  # three panels of 2.6 inches at 100 dpi
+    # both in one figure: detections and box centres, then per detection its decoder (top) and encoder (bottom) maps
+    fig = V.plot_attention(pred, max_predictions=3)
+    k = V._top(pred, 3)
+    assert len(fig.axes) == 2 * 4
+    assert fig.axes[0].get_title() == "detections" and fig.axes[4].get_title() == "box centres"
+    for col in range(1, 4):
+        assert np.array_equal(shown(fig.axes[col]), V.decoder_attention_map(pred, k[col - 1]).numpy())
+        assert fig.axes[4 + col].get_title() == "encoder at centre"
     no_maps = Predictor(model, val_size=64, max_size=100, device="cpu")(images()[0], score_threshold=0.0)[0]
     with pytest.raises(ValueError, match="attention=True"):
         V.plot_attention(no_maps)

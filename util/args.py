@@ -154,6 +154,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --num_classes when not given, for the datasets whose categories are known without reading their files: the
+# original's values, max category id + 1 (COCO ids run to 90, panoptic ids to 200 and the original kept 250 for the
+# panoptic head). datasets/ re-exports this table (``datasets.NUM_CLASSES``) and ``models.build_model`` reads it, so
+# that a model builds from ``get_args_parser().parse_args([...])`` alone, as the original's did. Other datasets
+# (synthetic, any COCO-format folder) take theirs from their annotation file: ``datasets.default_num_classes``.
+KNOWN_NUM_CLASSES: dict[str, int] = {"coco": 91, "coco_panoptic": 250}
+# the thing category ids of the same datasets where they have stuff too: COCO panoptic's ids up to 90 are things,
+# the rest (92..200) stuff, as the original's panoptic post-processor had it (``i <= 90``)
+KNOWN_THING_IDS: dict[str, list[int]] = {"coco_panoptic": list(range(91))}
+
+
 # Model/training flags for the embedded synthetic dataset on a CPU, applied to every flag the user did not set.
 SYNTHETIC_RECIPE: dict[str, Any] = {
     # a small model that fits a 2-core CPU

@@ -2,7 +2,7 @@
 
 ``NestedTensor`` is a TorchScript class, so scripted models take it as input, as the original's did.
 """
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -30,25 +30,28 @@ class NestedTensor:
         return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={mask})"
 
 
-def nested_tensor_from_tensor_list(tensor_list: Union[List[Tensor], Tensor]) -> NestedTensor:
+def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
     """Pad a list of ``[C, H, W]`` tensors (or ``[N, H, W]`` masks) to a common size, bottom/right.
 
-    A 4-D tensor is treated as a list of 3-D tensors (no padding, mask all False).
+    Scriptable, also inside a user's scripted module, as the original's. In eager mode a 4-D tensor is also taken,
+    as a list of 3-D tensors (no padding, mask all False).
     """
     if len(tensor_list) == 0:
         raise ValueError("nested_tensor_from_tensor_list: got an empty list of images")
-    if any(t.ndim != 3 for t in tensor_list):
-        shapes = [tuple(t.shape) for t in tensor_list]
-        raise ValueError(f"nested_tensor_from_tensor_list: expected 3-D tensors [C, H, W], got shapes {shapes}")
-    max_size = [max(s) for s in zip(*[t.shape for t in tensor_list])]
-    batch_shape = [len(tensor_list)] + max_size
-    b, _, h, w = batch_shape
+    max_size: List[int] = [0, 0, 0]
+    for t in tensor_list:
+        if t.dim() != 3:
+            raise ValueError("nested_tensor_from_tensor_list: expected 3-D tensors [C, H, W], got a tensor of shape "
+                             + str(t.shape))
+        for i in range(3):
+            max_size[i] = max(max_size[i], t.shape[i])
     first = tensor_list[0]
-    tensor = torch.zeros(batch_shape, dtype=first.dtype, device=first.device)
-    mask = torch.ones((b, h, w), dtype=torch.bool, device=first.device)
-    for img, pad_img, m in zip(tensor_list, tensor, mask):
-        pad_img[: img.shape[0], : img.shape[1], : img.shape[2]].copy_(img)
-        m[: img.shape[1], : img.shape[2]] = False
+    c, h, w = max_size
+    tensor = torch.zeros([len(tensor_list), c, h, w], dtype=first.dtype, device=first.device)
+    mask = torch.ones([len(tensor_list), h, w], dtype=torch.bool, device=first.device)
+    for i, img in enumerate(tensor_list):
+        tensor[i, : img.shape[0], : img.shape[1], : img.shape[2]].copy_(img)
+        mask[i, : img.shape[1], : img.shape[2]] = False
     return NestedTensor(tensor, mask)
 
 
@@ -58,7 +61,8 @@ def collate_fn(batch):
     return nested_tensor_from_tensor_list(list(images)), targets
 
 
-def interpolate(input: Tensor, size=None, scale_factor=None, mode: str = "nearest", align_corners=None) -> Tensor:
+def interpolate(input: Tensor, size: Optional[List[int]] = None, scale_factor: Optional[float] = None,
+                mode: str = "nearest", align_corners: Optional[bool] = None) -> Tensor:
     """The original's ``util.misc.interpolate``: today simply ``torch.nn.functional.interpolate`` (which handles
     empty batches itself), kept so that users' imports work."""
     return torch.nn.functional.interpolate(input, size, scale_factor, mode, align_corners)

@@ -243,6 +243,36 @@ def test_eval_only_bbox_ap_equals_main_py(synthetic_root, overfit_checkpoint, tm
         assert abs(ours - bbox[f"AP-{names[cat_id]}"] / 100) < 1e-3, names[cat_id]
 
 
+def test_original_commands_run_from_inside_d2(synthetic_root, tmp_path):
+    """The original's commands, run from inside d2/ as files: python converter.py, then python train_net.py
+    --eval-only --config configs/detr_256_6_6_torchvision.yaml MODEL.WEIGHTS converted.pth."""
+    torch.manual_seed(0)
+    model, _, _ = build_model(make_args(backbone="resnet18", num_classes=4, **TINY))
+    src = tmp_path / "tiny_r18.pth"
+    torch.save({"model": model.state_dict(), "args": {}}, src)
+    ann = synthetic_root / "annotations" / "instances_val2017.json"
+    converted, out = tmp_path / "converted.pth", tmp_path / "eval"
+    d2_dir = REPO / "d2"
+    run(["converter.py", "--source_model", src, "--output_model", converted, "--categories", ann], cwd=d2_dir)
+    log = run(["train_net.py", "--eval-only", "--config", "configs/detr_256_6_6_torchvision.yaml",
+               "--coco-dataset", "synthetic_val", ann, synthetic_root / "val2017",
+               "MODEL.WEIGHTS", converted, "MODEL.DETR.NUM_CLASSES", "3", *TINY_OPTS, *R18_OPTS,
+               "DATASETS.TRAIN", "()", "DATASETS.TEST", '("synthetic_val",)', "INPUT.MIN_SIZE_TEST", "64",
+               "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", out], cwd=d2_dir)
+    assert "Evaluation results for bbox" in log
+    assert "AP" in json.loads((out / "eval_results.json").read_text())["bbox"]
+
+
+def test_import_detr_from_inside_d2():
+    """The original's ``import detr`` from inside d2/: the wrapper's package, with the meta-architecture registered."""
+    code = ("import detr\n"
+            "from detectron2.modeling import META_ARCH_REGISTRY\n"
+            "assert META_ARCH_REGISTRY.get('Detr') is detr.Detr\n"
+            "print(detr.add_detr_config.__name__, detr.Detr.__name__, detr.DetrDatasetMapper.__name__)\n")
+    out = run(["-c", code], cwd=REPO / "d2")
+    assert "add_detr_config Detr DetrDatasetMapper" in out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Done when 3: training iterations through Detectron2's trainer, a checkpoint, and --resume continuing from it
 

@@ -75,6 +75,14 @@ class Trainer(DefaultTrainer):
             load_frozen_weights(model, cfg.MODEL.DETR.FROZEN_WEIGHTS)
         return model
 
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        if self.cfg.MODEL.DETR.FROZEN_WEIGHTS and not (resume and self.checkpointer.has_checkpoint()):
+            # MODEL.WEIGHTS (the configs' ImageNet ResNet) was just loaded over the frozen box model's backbone; the
+            # box model under the mask head is FROZEN_WEIGHTS, all of it (a resumed run restores it from its own
+            # checkpoint instead)
+            load_frozen_weights(self.checkpointer.model, self.cfg.MODEL.DETR.FROZEN_WEIGHTS)
+
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
         return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))

@@ -1,6 +1,6 @@
 r"""Convert a DETR checkpoint (this repository's or a published one) to the layout of the Detectron2 wrapper.
 
-Run from the repository root:
+Run from the repository root (or from inside d2/ as ``python converter.py ...``, as the original's):
 
     # a published COCO detection model (through the torch hub cache, so a file already there is used offline)
     python -m d2.converter --source_model https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth \
@@ -32,11 +32,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-if not __package__:
-    raise SystemExit("run d2/converter.py from the repository root as a module: python -m d2.converter ...")
+if not __package__:  # run as a file (cd d2 && python converter.py ..., as the original's): models/, util/, d2/ are here
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from d2.flags import NOT_BUILT  # noqa: E402
+from util.args import get_args_parser as main_py_args_parser  # noqa: E402
 from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -172,9 +174,26 @@ def convert_state_dict(state: dict, categories: str = "auto") -> tuple[dict, Opt
     return out, ids
 
 
+def check_trained_flags(args: Optional[dict]) -> None:
+    """Refuse a checkpoint whose ``args`` (main.py's flags it was trained with) give a flag of ``NOT_BUILT`` a value
+    other than main.py's default: the wrapper builds the published DETR, not those variants. Flags the checkpoint
+    does not record (the original's checkpoints have none of them) count as main.py's defaults."""
+    if not args:
+        return
+    defaults = vars(main_py_args_parser().parse_args([]))
+    used = {flag: args[flag] for flag in NOT_BUILT if flag in args and args[flag] != defaults[flag]}
+    if used:
+        raise ConversionError(
+            "the checkpoint was trained with " + ", ".join(f"--{flag} {value}" for flag, value in used.items())
+            + " (main.py's defaults: " + ", ".join(f"--{flag} {defaults[flag]}" for flag in used) + "), which the "
+            "Detectron2 wrapper does not build; it converts the published DETR architecture only ("
+            + "; ".join(f"--{flag}: {NOT_BUILT[flag]}" for flag in used) + ")")
+
+
 def convert(source: str, output: str, categories: str = "auto") -> dict:
     """Read ``source`` (path or URL), write the converted checkpoint to ``output``; returns what was written."""
     checkpoint = load_checkpoint(source)
+    check_trained_flags(checkpoint.get("args"))
     state, ids = convert_state_dict(checkpoint["model"], categories)
     converted = {"model": state,
                  "detr_conversion": {"source": source, "category_ids": ids}}
@@ -189,7 +208,8 @@ def convert(source: str, output: str, categories: str = "auto") -> dict:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "python -m d2.converter", description="Convert a DETR checkpoint to the Detectron2 wrapper's layout.",
+        "python -m d2.converter (or, inside d2/, python converter.py)",
+        description="Convert a DETR checkpoint to the Detectron2 wrapper's layout.",
         epilog=__doc__[__doc__.index("Run from"):__doc__.index("What changes")],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source_model", required=True,

@@ -1,6 +1,7 @@
 r"""Train and evaluate DETR with Detectron2's trainer, data registry and evaluators.
 
-Run from the repository root, as a module (so that this repository's models/ and util/ are importable):
+Run from the repository root, as a module, or from inside d2/ as a file, as the original's (``cd d2 && python
+train_net.py --eval-only --config configs/detr_256_6_6_torchvision.yaml MODEL.WEIGHTS converted.pth``):
 
     # evaluate a converted published model on COCO val (Detectron2 finds COCO under $DETECTRON2_DATASETS)
     python -m d2.converter --source_model https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth \
@@ -26,10 +27,11 @@ import logging
 import os
 import sys
 from collections import OrderedDict
+from pathlib import Path
 from typing import Optional
 
-if not __package__:
-    raise SystemExit("run d2/train_net.py from the repository root as a module: python -m d2.train_net ...")
+if not __package__:  # run as a file (cd d2 && python train_net.py ..., as the original's): models/, util/, d2/ are here
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
@@ -72,6 +74,14 @@ class Trainer(DefaultTrainer):
         if cfg.MODEL.DETR.FROZEN_WEIGHTS:
             load_frozen_weights(model, cfg.MODEL.DETR.FROZEN_WEIGHTS)
         return model
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        if self.cfg.MODEL.DETR.FROZEN_WEIGHTS and not (resume and self.checkpointer.has_checkpoint()):
+            # MODEL.WEIGHTS (the configs' ImageNet ResNet) was just loaded over the frozen box model's backbone; the
+            # box model under the mask head is FROZEN_WEIGHTS, all of it (a resumed run restores it from its own
+            # checkpoint instead)
+            load_frozen_weights(self.checkpointer.model, self.cfg.MODEL.DETR.FROZEN_WEIGHTS)
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):

@@ -243,6 +243,36 @@ def test_eval_only_bbox_ap_equals_main_py(synthetic_root, overfit_checkpoint, tm
         assert abs(ours - bbox[f"AP-{names[cat_id]}"] / 100) < 1e-3, names[cat_id]
 
 
+def test_original_commands_run_from_inside_d2(synthetic_root, tmp_path):
+    """The original's commands, run from inside d2/ as files: python converter.py, then python train_net.py
+    --eval-only --config configs/detr_256_6_6_torchvision.yaml MODEL.WEIGHTS converted.pth."""
+    torch.manual_seed(0)
+    model, _, _ = build_model(make_args(backbone="resnet18", num_classes=4, **TINY))
+    src = tmp_path / "tiny_r18.pth"
+    torch.save({"model": model.state_dict(), "args": {}}, src)
+    ann = synthetic_root / "annotations" / "instances_val2017.json"
+    converted, out = tmp_path / "converted.pth", tmp_path / "eval"
+    d2_dir = REPO / "d2"
+    run(["converter.py", "--source_model", src, "--output_model", converted, "--categories", ann], cwd=d2_dir)
+    log = run(["train_net.py", "--eval-only", "--config", "configs/detr_256_6_6_torchvision.yaml",
+               "--coco-dataset", "synthetic_val", ann, synthetic_root / "val2017",
+               "MODEL.WEIGHTS", converted, "MODEL.DETR.NUM_CLASSES", "3", *TINY_OPTS, *R18_OPTS,
+               "DATASETS.TRAIN", "()", "DATASETS.TEST", '("synthetic_val",)', "INPUT.MIN_SIZE_TEST", "64",
+               "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", out], cwd=d2_dir)
+    assert "Evaluation results for bbox" in log
+    assert "AP" in json.loads((out / "eval_results.json").read_text())["bbox"]
+
+
+def test_import_detr_from_inside_d2():
+    """The original's ``import detr`` from inside d2/: the wrapper's package, with the meta-architecture registered."""
+    code = ("import detr\n"
+            "from detectron2.modeling import META_ARCH_REGISTRY\n"
+            "assert META_ARCH_REGISTRY.get('Detr') is detr.Detr\n"
+            "print(detr.add_detr_config.__name__, detr.Detr.__name__, detr.DetrDatasetMapper.__name__)\n")
+    out = run(["-c", code], cwd=REPO / "d2")
+    assert "add_detr_config Detr DetrDatasetMapper" in out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Done when 3: training iterations through Detectron2's trainer, a checkpoint, and --resume continuing from it
 
@@ -325,7 +355,16 @@ def test_panoptic_config_runs_a_converted_panoptic_checkpoint(tmp_path):
         assert result["instances"].pred_masks.shape == (30, *im.shape[1:])
 
 
-def test_panoptic_training_step_on_synthetic_panoptic_data(synthetic_root):
+def test_panoptic_box_model_starts_from_the_imagenet_backbone():
+    """Panoptic run 1 (d2/README.md): the panoptic config without masks trains the box model from the box config's
+    ImageNet ResNet-50, not from a random one whose frozen stem never learns."""
+    box_stage = d2_cfg(SEGM_CONFIG, ["MODEL.MASK_ON", "False", "MODEL.DETR.PANOPTIC_ON", "False"])
+    assert box_stage.MODEL.WEIGHTS == d2_cfg(DET_CONFIG, []).MODEL.WEIGHTS
+    assert "ImageNetPretrained/torchvision/R-50" in box_stage.MODEL.WEIGHTS
+    assert box_stage.MODEL.BACKBONE.FREEZE_AT == 2
+
+
+def _register_synthetic_panoptic(synthetic_root: Path) -> str:
     from d2.train_net import panoptic_metadata
 
     ann = synthetic_root / "annotations"
@@ -334,6 +373,42 @@ def test_panoptic_training_step_on_synthetic_panoptic_data(synthetic_root):
         register_coco_panoptic(name, panoptic_metadata(str(ann / "panoptic_train2017.json")),
                                str(synthetic_root / "train2017"), str(ann / "panoptic_train2017"),
                                str(ann / "panoptic_train2017.json"))
+    return name
+
+
+def test_frozen_box_model_is_not_replaced_by_model_weights(synthetic_root, tmp_path):
+    """Panoptic run 2: MODEL.WEIGHTS (the ImageNet ResNet, a torchvision .pkl that Detectron2 matches by name
+    suffix) is loaded after the model is built; the frozen box model's backbone must stay FROZEN_WEIGHTS'."""
+    import pickle
+
+    from d2.train_net import Trainer
+
+    name = _register_synthetic_panoptic(synthetic_root)
+    opts = [*TINY_SEGM_OPTS, *R18_OPTS, "MODEL.DETR.NUM_CLASSES", "5", "DATASETS.TRAIN", f'("{name}",)',
+            "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0", "SOLVER.IMS_PER_BATCH", "2",
+            "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", tmp_path / "out"]
+    torch.manual_seed(0)
+    box = d2_build_model(d2_cfg(DET_CONFIG, [*TINY_SEGM_OPTS, *R18_OPTS, "MODEL.DETR.NUM_CLASSES", "5"]))
+    box_state = {k: v + 1.0 if v.is_floating_point() else v for k, v in box.state_dict().items()}
+    frozen = tmp_path / "box_model.pth"
+    torch.save({"model": box_state}, frozen)
+    # an ImageNet-like backbone in the layout of Detectron2's torchvision R-50.pkl: every weight 0.5
+    prefix = "detr.backbone.0.backbone."
+    imagenet = {k[len(prefix):]: np.full(tuple(v.shape), 0.5, dtype=np.float32)
+                for k, v in box_state.items() if k.startswith(prefix)}
+    pkl = tmp_path / "R-18-like.pkl"
+    pkl.write_bytes(pickle.dumps({"model": imagenet, "__author__": "torchvision", "matching_heuristics": True}))
+
+    cfg = d2_cfg(SEGM_CONFIG, [*opts, "MODEL.WEIGHTS", pkl, "MODEL.DETR.FROZEN_WEIGHTS", frozen])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    loaded = trainer.checkpointer.model.detr.detr.state_dict()
+    for key, value in box_state.items():
+        torch.testing.assert_close(loaded[key[len("detr."):]], value, rtol=0, atol=0, msg=key)
+
+
+def test_panoptic_training_step_on_synthetic_panoptic_data(synthetic_root):
+    name = _register_synthetic_panoptic(synthetic_root)
     cfg = d2_cfg(SEGM_CONFIG, [*TINY_SEGM_OPTS, *R18_OPTS, "MODEL.DETR.NUM_CLASSES", "5",
                                "DATASETS.TRAIN", f'("{name}",)', "INPUT.MIN_SIZE_TRAIN", "(64,)",
                                "INPUT.CROP.ENABLED", "False"])

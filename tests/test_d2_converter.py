@@ -1,14 +1,22 @@
 """d2/converter.py: DETR checkpoints -> the Detectron2 wrapper's layout. Pure torch (no Detectron2 needed);
 tests/test_d2.py loads the converted checkpoints into the real Detectron2 model."""
+import argparse
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import GOLDEN_DIR, tiny_args
 
 from d2 import converter
+from d2.flags import NOT_BUILT
 from models import build_model
+from util.args import get_args_parser
+
+D2_DIR = Path(__file__).resolve().parents[1] / "d2"
 
 
 @pytest.mark.parametrize("key, expected", [
@@ -94,6 +102,63 @@ def test_spatial_prior_checkpoints_are_refused():
     state = {**_head(92), "reference_points": torch.zeros(4, 2)}
     with pytest.raises(converter.ConversionError, match="spatial prior"):
         converter.convert_state_dict(state)
+
+
+@pytest.mark.parametrize("args, named", [
+    ({"pos_at_input": True}, "--pos_at_input True"),
+    ({"spatial_prior": True}, "--spatial_prior True"),
+    ({"query_groups": 4}, "--query_groups 4"),
+    ({"backbone_blocks": 1}, "--backbone_blocks 1"),
+    ({"backbone_last_layer": "layer3"}, "--backbone_last_layer layer3"),
+    ({"backbone_norm": "bn"}, "--backbone_norm bn"),
+])
+def test_checkpoints_of_flags_the_wrapper_does_not_build_are_refused(tmp_path, args, named):
+    """The checkpoint's args say how it was trained: a flag the Detectron2 model cannot build is named, with its
+    value, and nothing is written."""
+    src, out = tmp_path / "ckpt.pth", tmp_path / "out.pth"
+    torch.save({"model": _head(92), "args": {**vars(get_args_parser().parse_args([])), **args}}, src)
+    with pytest.raises(SystemExit, match=re.escape(named)):
+        converter.main(["--source_model", str(src), "--output_model", str(out)])
+    assert not out.exists()
+
+
+def test_refused_flags_are_main_py_flags():
+    # a renamed flag would otherwise never be found in a checkpoint's args, and never refused
+    assert set(NOT_BUILT) <= set(vars(get_args_parser().parse_args([])))
+
+
+@pytest.mark.parametrize("args", [
+    "defaults",  # this repository's checkpoint of a default main.py run: vars(args), every flag at its default
+    "original",  # the original's: an argparse.Namespace of its own flags, none of the ones refused above
+    "train_backbone_stem",  # a training aid: the weights have the published layout
+])
+def test_checkpoints_of_the_published_architecture_convert(tmp_path, args):
+    if args == "defaults":
+        ckpt_args = vars(get_args_parser().parse_args([]))
+    elif args == "original":
+        ckpt_args = argparse.Namespace(lr=1e-4, lr_backbone=1e-5, batch_size=2, backbone="resnet50", dilation=False,
+                                       position_embedding="sine", enc_layers=6, dec_layers=6, hidden_dim=256,
+                                       num_queries=100, pre_norm=False, masks=False, aux_loss=True,
+                                       dataset_file="coco", frozen_weights=None, device="cuda")
+    else:
+        ckpt_args = {**vars(get_args_parser().parse_args([])), "train_backbone_stem": True}
+    src, out = tmp_path / "ckpt.pth", tmp_path / "out.pth"
+    torch.save({"model": _head(92), "args": ckpt_args}, src)
+    converter.main(["--source_model", str(src), "--output_model", str(out)])
+    assert torch.load(out, weights_only=True)["model"]["detr.class_embed.bias"].shape == (81,)
+
+
+def test_converter_runs_as_a_file_from_inside_d2(tmp_path):
+    """The original's command: cd d2 && python converter.py --source_model ... --output_model ..."""
+    model, _, _ = build_model(tiny_args(num_classes=4))
+    src = tmp_path / "tiny.pth"
+    torch.save({"model": model.state_dict(), "args": {"num_classes": 4}}, src)
+    proc = subprocess.run([sys.executable, "converter.py", "--source_model", str(src),
+                           "--output_model", str(tmp_path / "converted.pth"), "--categories", "1,2,3"],
+                          cwd=D2_DIR, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state = torch.load(tmp_path / "converted.pth", weights_only=True)["model"]
+    assert set(state) == {converter.rename_key(k) for k in model.state_dict()}
 
 
 @pytest.mark.parametrize("layout", ["detr_resnet50", "detr_resnet101", "detr_resnet50_panoptic",

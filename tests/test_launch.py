@@ -175,25 +175,51 @@ def test_init_and_destroy_a_one_process_gloo_group(no_launcher):
     udist.destroy_distributed()  # a no-op when nothing is initialised
 
 
-def test_info_from_rank_0_only_and_warnings_from_every_rank(monkeypatch, capsys):
+def test_info_from_rank_0_only_and_warnings_from_every_rank(no_launcher, capsys):
+    """Before the process group exists (no group in this test process) the rank is the launcher's."""
     log = logging.getLogger("detr.test_launch")
     ulogger.setup_logging()
     try:
-        monkeypatch.setattr(ulogger, "get_world_size", lambda: 2)
-        monkeypatch.setattr(ulogger, "get_rank", lambda: 1)
+        no_launcher.setenv("WORLD_SIZE", "2")
+        no_launcher.setenv("RANK", "1")
         log.info("chatter from rank 1")
         log.warning("trouble on rank 1")
-        monkeypatch.setattr(ulogger, "get_rank", lambda: 0)
+        no_launcher.setenv("RANK", "0")
         log.info("chatter from rank 0")
         log.error("trouble on rank 0")
-        monkeypatch.setattr(ulogger, "get_world_size", lambda: 1)
+        no_launcher.delenv("RANK")
+        no_launcher.delenv("WORLD_SIZE")
         log.warning("alone")
+        for k, v in dict(SLURM_PROCID="1", SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2").items():  # srun, submitit
+            no_launcher.setenv(k, v)
+        log.info("chatter from Slurm task 1")
+        no_launcher.setenv("SLURM_PROCID", "0")
+        log.info("chatter from Slurm task 0")
         out = capsys.readouterr().out.splitlines()
     finally:
         root = logging.getLogger()
         for h in [h for h in root.handlers if getattr(h, "_detr", False)]:
             root.removeHandler(h)
-    assert out == ["[rank 1] trouble on rank 1", "chatter from rank 0", "[rank 0] trouble on rank 0", "alone"]
+    assert out == ["[rank 1] trouble on rank 1", "chatter from rank 0", "[rank 0] trouble on rank 0", "alone",
+                   "chatter from Slurm task 0"]
+
+
+def test_messages_before_the_process_group_come_once_per_job(data_dir, tmp_path):
+    """2 processes (torchrun) of a --two_stage run: its stage messages, logged before each stage's process group
+    exists, and the distributed init message appear once in the job's output, not once per process (the stages'
+    training is stubbed out: only the group is formed)."""
+    script = tmp_path / "stub_stages.py"
+    script.write_text("import sys, main\n"
+                      "main.run = lambda args: {}\n"
+                      "main.main(main.parse_args(sys.argv[1:]))\n")
+    proc = run(torchrun(2) + [str(script)] + TINY + ["--dataset_file", "synthetic_panoptic", "--two_stage",
+                                                     "--hidden_dim", "128", "--nheads", "8", "--coco_path",
+                                                     str(data_dir), "--output_dir", str(tmp_path / "out")])
+    out = proc.stdout
+    assert out.count("Two stages: 1. the box model into") == 1, out
+    assert out.count("Stage 2: the mask head on the frozen box model") == 1, out
+    assert out.count("distributed init (torchrun): rank 0 of 2") == 2, out  # once per stage
+    assert "rank 1 of 2" not in out, out
 
 
 def test_a_failing_rank_stops_the_other_instead_of_hanging(tmp_path):

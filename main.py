@@ -30,6 +30,7 @@ import copy
 import datetime
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -457,6 +458,15 @@ def run(args: argparse.Namespace) -> dict:
                  loader_train, sampler_train, loader_val, base_ds, device, output_dir)
 
 
+def wait_at_test_gate(output_dir: Path) -> None:
+    """Test-only: with $DETR_TEST_GATE=NAME, every process waits at the end of each epoch (checkpoint and log line
+    written) while OUTPUT_DIR/NAME exists, so that a test holds a job at a point it controls (e.g. to requeue it)
+    instead of counting on how long epochs take."""
+    name = os.environ.get("DETR_TEST_GATE")
+    while name and (output_dir / name).exists():
+        time.sleep(0.2)
+
+
 def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler, loader_train,
           sampler_train, loader_val, base_ds, device, output_dir: Optional[Path]) -> dict:
     """The epoch loop: train, step the lr, checkpoint, evaluate, log."""
@@ -490,6 +500,8 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
         if "PQ_all" in test_stats:
             logger.info("epoch %d: PQ %.1f (things %.1f, stuff %.1f)", epoch,
                         *(100 * test_stats[k]["pq"] for k in ("PQ_all", "PQ_th", "PQ_st")))
+        if output_dir:
+            wait_at_test_gate(output_dir)
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     logger.info("Training time %s", total_time)

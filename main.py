@@ -6,7 +6,8 @@ Copy-pasteable commands (run from the repository root):
     python main.py --dataset_file synthetic --output_dir runs/synthetic
 
     # the second main job: panoptic segmentation on the same data, both stages (box model into runs/panoptic/box,
-    # then the mask head on it, frozen, into runs/panoptic)
+    # then the mask head on it, frozen, into runs/panoptic); run again (or requeued), it continues where it stopped:
+    # each stage resumes from its folder's checkpoint.pth and a finished stage is not rerun (new --output_dir: anew)
     python main.py --dataset_file synthetic_panoptic --output_dir runs/panoptic
 
     # COCO, 8 GPUs, as the original
@@ -387,13 +388,50 @@ def stage_args(args: argparse.Namespace, **overrides) -> argparse.Namespace:
 
 def train_two_stages(args: argparse.Namespace) -> dict:
     """--two_stage: the box model into OUTPUT_DIR/box, then the mask head on it, frozen, into OUTPUT_DIR (the
-    original's two panoptic commands, in one). Returns stage two's stats."""
+    original's two panoptic commands, in one). Returns stage two's stats.
+
+    Resumable: a stage whose folder holds a checkpoint.pth continues from it, and a stage whose checkpoint reached
+    its last epoch is not run again, so a requeued job (or the same command run again) goes on where it stopped."""
     output_dir = Path(args.output_dir)
     box_dir = output_dir / "box"
     logger.info("Two stages: 1. the box model into %s; 2. the mask head on it, frozen, into %s", box_dir, output_dir)
-    main(stage_args(args, two_stage=False, output_dir=str(box_dir)))
+    box = stage_args(args, two_stage=False, output_dir=str(box_dir))
+    if resume_stage(box, "Stage 1"):
+        main(box)
     logger.info("Stage 2: the mask head on the frozen box model %s", box_dir / "checkpoint.pth")
-    return main(stage_args(args, two_stage=False, masks=True, frozen_weights=str(box_dir / "checkpoint.pth")))
+    masks = stage_args(args, two_stage=False, masks=True, frozen_weights=str(box_dir / "checkpoint.pth"))
+    if resume_stage(masks, "Stage 2"):
+        return main(masks)
+    return logged_test_stats(output_dir / "log.txt")
+
+
+def resume_stage(stage: argparse.Namespace, name: str) -> bool:
+    """Whether a stage of --two_stage still has to run. When its output folder holds a checkpoint.pth, the stage
+    resumes from it (``stage.resume``); when that checkpoint reached the stage's last epoch, it is done (False)."""
+    own = Path(stage.output_dir) / "checkpoint.pth"
+    if not own.is_file():
+        return True
+    checkpoint = load_checkpoint(str(own))
+    probe = copy.deepcopy(stage)
+    arguments.apply_dataset_recipe(probe)
+    # the epochs resume() will train to: the checkpoint's own schedule unless --epochs was given
+    epochs = probe.epochs
+    if "epochs" not in (arguments.given_flags(probe) or set()):
+        epochs = (checkpoint.get("args") or {}).get("epochs", epochs)
+    if checkpoint["epoch"] + 1 >= epochs:
+        logger.info("%s: %s already reached its last epoch (%d): not run again", name, own, epochs - 1)
+        return False
+    logger.info("%s: resuming from %s (epoch %d of %d done)", name, own, checkpoint["epoch"] + 1, epochs)
+    stage.resume = str(own)
+    stage.explicit_flags = sorted(set(stage.explicit_flags) | {"resume"})
+    return True
+
+
+def logged_test_stats(log_path: Path) -> dict:
+    """The evaluation stats of the last line of a run's log.txt (what ``main`` returned when it trained)."""
+    lines = log_path.read_text().splitlines() if log_path.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
 
 
 def set_dataset_metadata(args: argparse.Namespace, dataset) -> None:

@@ -151,6 +151,19 @@ def test_a_restarted_job_resumes_from_its_output_folder(tmp_path):
     assert args.resume == "model.pth"  # evaluation evaluates what it was asked to
 
 
+def test_a_restarted_two_stage_job_leaves_resuming_to_the_stages(tmp_path):
+    """--two_stage (asked for, or synthetic_panoptic's default) resumes each stage from its own folder
+    (main.train_two_stages): --resume OUTPUT_DIR/checkpoint.pth would make it one mask-less stage."""
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    for argv in (["--dataset_file", "synthetic_panoptic"], ["--two_stage"]):
+        args = parse(argv)
+        rws.resume_from_own_checkpoint(args, tmp_path)
+        assert args.resume == "", argv
+    args = parse(["--dataset_file", "synthetic_panoptic", "--no-two_stage"])  # one stage: as any job
+    rws.resume_from_own_checkpoint(args, tmp_path)
+    assert args.resume == str(tmp_path / "checkpoint.pth")
+
+
 def test_checkpoint_requeues_the_submitted_arguments():
     args = parse(["--epochs", "7"])
     trainer = rws.Trainer(args)
@@ -250,6 +263,62 @@ def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, data_dir, tmp_path
     assert log_epochs(out) == list(range(REQUEUE_EPOCHS))  # each epoch once, none lost
     assert _ckpt_epoch(out / "checkpoint.pth") == REQUEUE_EPOCHS - 1
     assert sorted(p.name for p in folder.glob("*_result.pkl")) == [f"{job_id}_0_result.pkl", f"{job_id}_1_result.pkl"]
+
+
+# the smallest panoptic model (the mask head needs hidden_dim a multiple of 128 and 8 heads); the dataset's recipe
+# sets the rest
+PANOPTIC_TINY = ["--dataset_file", "synthetic_panoptic", "--hidden_dim", "128", "--nheads", "8", "--enc_layers", "1",
+                 "--dec_layers", "1", "--dim_feedforward", "64", "--num_queries", "8", "--batch_size", "2",
+                 "--num_workers", "0", "--warmup_iters", "0", "--lr_drop", "100", "--scales", "64", "--max_size", "80",
+                 "--val_size", "64", "--device", "cpu", "--epochs", "2"]
+
+
+def test_slurm_two_stage_job_requeued_in_each_stage_resumes_that_stage(slurm, data_dir, tmp_path):
+    """A 2-task --two_stage job (the synthetic_panoptic default) requeued (`scontrol requeue`) at the end of stage
+    1's first epoch, then at the end of stage 2's first epoch: each run resumes the stage it was in from that stage's
+    own checkpoint.pth (OUTPUT_DIR/box, then OUTPUT_DIR, into a model with masks), a finished stage 1 is not
+    trained again, and the job ends COMPLETED with PQ in log.txt."""
+    pytest.importorskip("panopticapi.evaluation", reason="panoptic evaluation needs panopticapi-lite")
+    out = tmp_path / "out"
+    box = out / "box"
+    box.mkdir(parents=True)
+    (box / GATE).touch()
+    (out / GATE).touch()
+    proc = submit(["--nodes", "1", "--job_dir", str(tmp_path / "job" / "%j"), "--output_dir", str(out), "--coco_path",
+                   str(data_dir)] + JOB + PANOPTIC_TINY, env={"DETR_TEST_GATE": GATE})
+    job_id = re.search(r"Submitted job (\d+) \(slurm\)", proc.stdout).group(1)
+    folder = tmp_path / "job" / job_id
+    rank0_log = folder / f"{job_id}_0_log.out"
+
+    def log_text() -> str:
+        return rank0_log.read_text() if rank0_log.exists() else ""
+
+    try:
+        _wait("the end of stage 1's epoch 0", lambda: _logged_epochs(box) == [0], folder)
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        _wait("stage 1 to resume", lambda: re.search(r"\(restart 1\).*?Stage 1: resuming from .*box/checkpoint.pth "
+                                                      r"\(epoch 1 of 2 done\)", log_text(), re.S), folder)
+        _wait("the end of stage 1's epoch 1", lambda: _logged_epochs(box) == [0, 1], folder)
+        box_checkpoint = (box / "checkpoint.pth").stat().st_mtime_ns
+        (box / GATE).unlink()
+        _wait("the end of stage 2's epoch 0", lambda: _logged_epochs(out) == [0], folder)
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        _wait("stage 2 to resume", lambda: re.search(r"\(restart 2\).*?Stage 2: resuming from .*out/checkpoint.pth "
+                                                      r"\(epoch 1 of 2 done\)", log_text(), re.S), folder)
+        (out / GATE).unlink()
+        state = _wait_for_state(job_id, folder)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    assert state == "COMPLETED", job_logs(folder)
+    assert "Restarts=2" in _scontrol_job(job_id)
+    text = log_text()
+    assert re.search(r"\(restart 2\).*?Stage 1: .*box/checkpoint.pth already reached its last epoch \(1\): not run "
+                     r"again", text, re.S), text
+    assert (box / "checkpoint.pth").stat().st_mtime_ns == box_checkpoint  # stage 1 was not trained again
+    assert log_epochs(box) == [0, 1] and log_epochs(out) == [0, 1]
+    last = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert set(last["test_PQ_all"]) == {"pq", "sq", "rq", "n"}
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["args"]["masks"]
 
 
 def test_plain_srun_two_tasks_train(slurm, data_dir, tmp_path):

@@ -6,7 +6,8 @@ Copy-pasteable commands (run from the repository root):
     python main.py --dataset_file synthetic --output_dir runs/synthetic
 
     # the second main job: panoptic segmentation on the same data, both stages (box model into runs/panoptic/box,
-    # then the mask head on it, frozen, into runs/panoptic)
+    # then the mask head on it, frozen, into runs/panoptic); run again (or requeued), it continues where it stopped:
+    # each stage resumes from its folder's checkpoint.pth and a finished stage is not rerun (new --output_dir: anew)
     python main.py --dataset_file synthetic_panoptic --output_dir runs/panoptic
 
     # COCO, 8 GPUs, as the original
@@ -450,13 +451,50 @@ def stage_args(args: argparse.Namespace, **overrides) -> argparse.Namespace:
 
 def train_two_stages(args: argparse.Namespace) -> dict:
     """--two_stage: the box model into OUTPUT_DIR/box, then the mask head on it, frozen, into OUTPUT_DIR (the
-    original's two panoptic commands, in one). Returns stage two's stats."""
+    original's two panoptic commands, in one). Returns stage two's stats.
+
+    Resumable: a stage whose folder holds a checkpoint.pth continues from it, and a stage whose checkpoint reached
+    its last epoch is not run again, so a requeued job (or the same command run again) goes on where it stopped."""
     output_dir = Path(args.output_dir)
     box_dir = output_dir / "box"
     logger.info("Two stages: 1. the box model into %s; 2. the mask head on it, frozen, into %s", box_dir, output_dir)
-    main(stage_args(args, two_stage=False, output_dir=str(box_dir)))
+    box = stage_args(args, two_stage=False, output_dir=str(box_dir))
+    if resume_stage(box, "Stage 1"):
+        main(box)
     logger.info("Stage 2: the mask head on the frozen box model %s", box_dir / "checkpoint.pth")
-    return main(stage_args(args, two_stage=False, masks=True, frozen_weights=str(box_dir / "checkpoint.pth")))
+    masks = stage_args(args, two_stage=False, masks=True, frozen_weights=str(box_dir / "checkpoint.pth"))
+    if resume_stage(masks, "Stage 2"):
+        return main(masks)
+    return logged_test_stats(output_dir / "log.txt")
+
+
+def resume_stage(stage: argparse.Namespace, name: str) -> bool:
+    """Whether a stage of --two_stage still has to run. When its output folder holds a checkpoint.pth, the stage
+    resumes from it (``stage.resume``); when that checkpoint reached the stage's last epoch, it is done (False)."""
+    own = Path(stage.output_dir) / "checkpoint.pth"
+    if not own.is_file():
+        return True
+    checkpoint = load_checkpoint(str(own))
+    probe = copy.deepcopy(stage)
+    arguments.apply_dataset_recipe(probe)
+    # the epochs resume() will train to: the checkpoint's own schedule unless --epochs was given
+    epochs = probe.epochs
+    if "epochs" not in (arguments.given_flags(probe) or set()):
+        epochs = (checkpoint.get("args") or {}).get("epochs", epochs)
+    if checkpoint["epoch"] + 1 >= epochs:
+        logger.info("%s: %s already reached its last epoch (%d): not run again", name, own, epochs - 1)
+        return False
+    logger.info("%s: resuming from %s (epoch %d of %d done)", name, own, checkpoint["epoch"] + 1, epochs)
+    stage.resume = str(own)
+    stage.explicit_flags = sorted(set(stage.explicit_flags) | {"resume"})
+    return True
+
+
+def logged_test_stats(log_path: Path) -> dict:
+    """The evaluation stats of the last line of a run's log.txt (what ``main`` returned when it trained)."""
+    lines = log_path.read_text().splitlines() if log_path.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
 
 
 def set_dataset_metadata(args: argparse.Namespace, dataset) -> None:
@@ -526,6 +564,15 @@ def run(args: argparse.Namespace) -> dict:
                  loader_train, sampler_train, loader_val, base_ds, device, output_dir)
 
 
+def wait_at_test_gate(output_dir: Path) -> None:
+    """Test-only: with $DETR_TEST_GATE=NAME, every process waits at the end of each epoch (checkpoint and log line
+    written) while OUTPUT_DIR/NAME exists, so that a test holds a job at a point it controls (e.g. to requeue it)
+    instead of counting on how long epochs take."""
+    name = os.environ.get("DETR_TEST_GATE")
+    while name and (output_dir / name).exists():
+        time.sleep(0.2)
+
+
 def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler, loader_train,
           sampler_train, loader_val, base_ds, device, output_dir: Optional[Path]) -> dict:
     """The epoch loop: train, step the lr, checkpoint, evaluate, log."""
@@ -559,6 +606,8 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
         if "PQ_all" in test_stats:
             logger.info("epoch %d: PQ %.1f (things %.1f, stuff %.1f)", epoch,
                         *(100 * test_stats[k]["pq"] for k in ("PQ_all", "PQ_th", "PQ_st")))
+        if output_dir:
+            wait_at_test_gate(output_dir)
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     logger.info("Training time %s", total_time)

@@ -22,7 +22,8 @@ defaults to ``./runs/submitit/<job id>`` (or ``$DETR_JOB_DIR/<job id>``).
 Timeouts and preemption: submitit asks Slurm for a USR2 signal 90 s before the time limit; the job then requeues
 itself (same job id, same folder) and, like a job requeued by the cluster (`scontrol requeue`, preemption), the
 new run resumes from the ``checkpoint.pth`` in its output folder (written atomically at the end of each epoch)
-and continues the epoch count. Up to 30 timeouts per job.
+and continues the epoch count (a --two_stage run resumes the stage it was in, from OUTPUT_DIR/box or OUTPUT_DIR,
+and does not rerun a finished stage). Up to 30 timeouts per job.
 """
 import argparse
 import copy
@@ -153,7 +154,13 @@ class Trainer(submitit.helpers.Checkpointable):
 def resume_from_own_checkpoint(args: argparse.Namespace, output_dir: Path) -> None:
     """A (re)started training job continues from the checkpoint.pth of its output folder when there is one."""
     own = output_dir / "checkpoint.pth"
-    if args.eval or not own.exists():
+    if args.eval:
+        return
+    if is_two_stage_run(args):
+        logger.info("Two stages: each stage resumes from its own folder's checkpoint.pth (%s/box, then %s) and a "
+                    "finished stage is not run again", output_dir, output_dir)
+        return
+    if not own.exists():
         return
     if args.resume and Path(args.resume) != own:
         logger.warning("The output folder already holds %s: resuming from it instead of --resume %s", own,
@@ -164,6 +171,15 @@ def resume_from_own_checkpoint(args: argparse.Namespace, output_dir: Path) -> No
         args.finetune = ""
     args.resume = str(own)
     logger.info("Resuming from %s (the output folder's last checkpoint)", own)
+
+
+def is_two_stage_run(args: argparse.Namespace) -> bool:
+    """Whether ``main.main`` will train both stages of --two_stage (asked for, or the dataset's default)."""
+    import main as detection
+
+    probe = copy.deepcopy(args)
+    arguments.apply_dataset_recipe(probe)
+    return detection.two_stages_apply(probe)
 
 
 def build_executor(args: argparse.Namespace) -> submitit.AutoExecutor:

@@ -233,3 +233,39 @@ def test_two_stages_run_main_twice(monkeypatch, caplog):
     assert (masks.output_dir, masks.masks, masks.frozen_weights) == ("out", True, "out/box/checkpoint.pth")
     assert box.epochs == arguments.SYNTHETIC_PANOPTIC_RECIPE["epochs"]
     assert masks.epochs == arguments.SYNTHETIC_PANOPTIC_MASK_RECIPE["epochs"]
+
+
+def test_two_stages_resume_the_stage_they_were_in_and_skip_a_finished_one(monkeypatch, tmp_path):
+    """Run again (or requeued), --two_stage resumes each stage from its own folder's checkpoint.pth (stage 1 in
+    OUTPUT_DIR/box, stage 2 in OUTPUT_DIR) and does not rerun a stage whose checkpoint reached its last epoch."""
+    calls = []
+    monkeypatch.setattr(detr_main, "run", lambda args: calls.append(args) or {"stage": len(calls)})
+    out, box = tmp_path, tmp_path / "box"
+    box.mkdir()
+    box_epochs = arguments.SYNTHETIC_PANOPTIC_RECIPE["epochs"]
+    mask_epochs = arguments.SYNTHETIC_PANOPTIC_MASK_RECIPE["epochs"]
+    argv = ["--dataset_file", "synthetic_panoptic", "--output_dir", str(out), "--device", "cpu"]
+
+    def checkpoint(folder: Path, epoch: int, epochs: int) -> None:
+        save_checkpoint({"model": {}, "epoch": epoch, "args": {"epochs": epochs}}, str(folder / "checkpoint.pth"))
+
+    # requeued in stage 1: stage 1 continues from its checkpoint, stage 2 starts
+    checkpoint(box, 2, box_epochs)
+    run(argv)
+    assert [(a.output_dir, a.masks, a.resume) for a in calls] == [
+        (str(box), False, str(box / "checkpoint.pth")), (str(out), True, "")]
+    # requeued in stage 2: stage 1 is done, stage 2 continues from its own checkpoint (into a model with masks)
+    calls.clear()
+    checkpoint(box, box_epochs - 1, box_epochs)
+    checkpoint(out, 1, mask_epochs)
+    assert run(argv) == {"stage": 1}
+    assert [(a.output_dir, a.masks, a.resume, a.frozen_weights) for a in calls] == [
+        (str(out), True, str(out / "checkpoint.pth"), str(box / "checkpoint.pth"))]
+    # both done: nothing runs; the stats are stage 2's last logged ones
+    calls.clear()
+    checkpoint(out, mask_epochs - 1, mask_epochs)
+    (out / "log.txt").write_text(json.dumps({"epoch": mask_epochs - 1, "test_PQ_all": {"pq": 0.5}}) + "\n")
+    assert run(argv) == {"PQ_all": {"pq": 0.5}} and calls == []
+    # --epochs given: a stage trains to it (the resumed schedule is the command line's)
+    run(argv + ["--epochs", str(mask_epochs + 1)])
+    assert [(a.output_dir, a.resume) for a in calls] == [(str(out), str(out / "checkpoint.pth"))]

@@ -45,6 +45,22 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def launch_rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of processes: the process group's once it exists; before it, the
+    launcher's (torchrun's RANK / WORLD_SIZE, submitit's local executor, SLURM_PROCID under srun or submitit on
+    Slurm), so that what is logged before ``init_distributed_mode`` is also logged once per job; (0, 1) alone."""
+    if is_dist_avail_and_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("WORLD_SIZE", 1))
+    if "SUBMITIT_LOCAL_GLOBALID" in env:
+        return int(env["SUBMITIT_LOCAL_GLOBALID"]), int(env.get("SUBMITIT_LOCAL_NTASKS", 1))
+    if "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    return 0, 1
+
+
 def barrier() -> None:
     """``dist.barrier()`` that names this process's GPU on NCCL (torch otherwise guesses it and warns)."""
     if not is_dist_avail_and_initialized():

@@ -9,19 +9,21 @@ from typing import Iterable, Optional
 
 import torch
 
-from util.dist import all_gather, get_rank, get_world_size
+from util.dist import all_gather, launch_rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
 
 class _RankFilter(logging.Filter):
     """Info and debug records from rank 0 only; warnings and errors from every rank, and with several processes
-    they say which rank they come from ("[rank 1] ...")."""
+    they say which rank they come from ("[rank 1] ..."). Before the process group exists the rank is the
+    launcher's (``launch_rank_and_world_size``): what a job logs before ``init_distributed_mode`` (e.g. the stages of
+    --two_stage) also comes once per job."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        rank = get_rank()
+        rank, world_size = launch_rank_and_world_size()
         loud = record.levelno >= logging.WARNING
-        record.rank_prefix = f"[rank {rank}] " if loud and get_world_size() > 1 else ""
+        record.rank_prefix = f"[rank {rank}] " if loud and world_size > 1 else ""
         return rank == 0 or loud
 
 

@@ -31,7 +31,6 @@ import copy
 import datetime
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -44,22 +43,25 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import datasets
 from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.coco_eval import plain_eval
 from datasets.panoptic_eval import require_panopticapi
+from datasets.recipes import apply_dataset_recipe
 from datasets.samplers import GroupedBatchSampler, aspect_ratio_groups
 from engine import evaluate, train_one_epoch
 from models import build_model
 from models.backbone import load_backbone_weights
 from util import args as arguments
 from util.amp import grad_scaler, warn_if_emulated
-from util.args import get_args_parser  # noqa: F401  (main.get_args_parser, as in the original)
+from util.args import check_args, get_args_parser, parse_args  # noqa: F401  (main.get_args_parser, as the original)
 from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from util.compile import CompiledOrEager
 from util.dist import (barrier, destroy_distributed, get_rank, get_world_size, init_distributed_mode, is_main_process,
-                       local_main_first)
-from util.errors import UserError, UserValueError, message_of
+                       local_main_first, wait_at_test_gate)
+from util.errors import UserValueError, user_errors_as_messages
 from util.git import get_sha
-from util.logger import setup_logging
+from util.logger import log_start, setup_logging
 from util.nested_tensor import collate_fn
+from util.two_stage import train_two_stages, two_stages_apply
 
 logger = logging.getLogger(__name__)
 
@@ -74,42 +76,12 @@ ARCHITECTURE_FLAGS = ("backbone", "dilation", "backbone_norm", "backbone_last_la
 SIZE_FLAGS = ("val_size", "max_size")
 # the original's other names for the same choice
 FLAG_ALIASES = {"position_embedding": {"v2": "sine", "v3": "learned"}}
-# What --two_stage may not be combined with (each of them means one stage)
-ONE_STAGE_FLAGS = ("masks", "frozen_weights", "resume", "finetune", "eval")
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse the command line (``util.args.parse_args``: records which flags were given)."""
-    return arguments.parse_args(argv)
 
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if args.frozen_weights is not None and not args.masks:
-        raise SystemExit("--frozen_weights is only for training the segmentation head: add --masks")
-    if args.finetune and (args.resume or args.frozen_weights):
-        raise SystemExit("--finetune starts from a checkpoint's weights only; it cannot be combined with "
-                         f"--{'resume' if args.resume else 'frozen_weights'} (use one of them)")
-    if args.masks and (args.hidden_dim % 128 or args.nheads % 8):
-        raise SystemExit(f"--masks: the mask head's GroupNorm(8) layers need --hidden_dim a multiple of 128 and "
-                         f"--nheads a multiple of 8 (got --hidden_dim {args.hidden_dim} --nheads {args.nheads})")
-    if args.two_stage:
-        one_stage = [f"--{name}" for name in ONE_STAGE_FLAGS if getattr(args, name)]
-        if one_stage and "two_stage" in arguments.given_flags(args):
-            raise SystemExit(f"--two_stage trains both stages from scratch; it cannot be combined with "
-                             f"{', '.join(one_stage)} (run that stage alone)")
-        if not one_stage and not args.output_dir:
-            raise SystemExit("--two_stage needs --output_dir: stage 2 reads the box model from OUTPUT_DIR/box")
-
-
-def two_stages_apply(args: argparse.Namespace) -> bool:
-    """Whether this run is --two_stage: asked for (or the dataset's default) and not a single stage's run."""
-    return args.two_stage and not any(getattr(args, name) for name in ONE_STAGE_FLAGS)
 
 
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
@@ -353,48 +325,6 @@ def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
     return paths
 
 
-def plain_eval(coco_eval) -> dict:
-    """COCOeval.eval (precision [T, R, K, A, M], recall, scores) as plain types, readable with weights_only."""
-    ev = coco_eval.eval
-    out = {k: torch.as_tensor(ev[k]) for k in ("precision", "recall", "scores")}
-    out["counts"] = [int(c) for c in ev["counts"]]
-    out["date"] = str(ev["date"])
-    p = coco_eval.params
-    out["params"] = {"iouThrs": p.iouThrs.tolist(), "recThrs": p.recThrs.tolist(),
-                     "catIds": [int(c) for c in p.catIds], "areaRngLbl": [str(a) for a in p.areaRngLbl],
-                     "maxDets": [int(m) for m in p.maxDets]}
-    out["stats"] = coco_eval.stats.tolist()
-    return out
-
-
-def _as_flag(name: str, value) -> str:
-    if isinstance(value, bool):
-        return f"--{name}" if value else ""
-    if isinstance(value, list):
-        return f"--{name} {' '.join(map(str, value))}".rstrip()
-    return f"--{name} {value}"
-
-
-def print_start(args, model_without_ddp) -> None:
-    if args.defaults_applied:
-        logger.info("Dataset defaults for %s (flags you did not set): %s", args.dataset_file,
-                    " ".join(_as_flag(k, v) for k, v in args.defaults_applied.items()))
-    from_checkpoint = getattr(args, "checkpoint_applied", None) or {}
-    if from_checkpoint:
-        logger.info("From the checkpoint %s (flags you did not set): %s", args.resume,
-                    " ".join(_as_flag(k, v) for k, v in from_checkpoint.items()))
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    logger.info("number of classes: %d (%s)", args.num_classes,
-                "from the checkpoint" if "num_classes" in from_checkpoint else
-                "--num_classes" if args.num_classes_given else f"from the {args.dataset_file} dataset")
-    if args.thing_ids is not None:
-        logger.info("categories: %d things, %d stuff (from the dataset)", len(args.thing_ids),
-                    len(args.category_names) - len(args.thing_ids))
-    logger.info("trainable parameters: %d", n_parameters)
-    logger.info("effective batch size: %d (%d per process x %d processes)", args.batch_size * get_world_size(),
-                args.batch_size, get_world_size())
-
-
 def write_epoch_outputs(output_dir: Path, log_stats: dict, coco_evaluator, epoch: int) -> None:
     with (output_dir / "log.txt").open("a") as f:
         f.write(json.dumps(log_stats) + "\n")
@@ -414,10 +344,10 @@ def main(args: argparse.Namespace) -> dict:
     """
     setup_logging()
     args.explicit_flags = sorted(arguments.given_flags(args))
-    arguments.apply_dataset_recipe(args)
+    apply_dataset_recipe(args)
     check_args(args)
-    if two_stages_apply(args):
-        return train_two_stages(args)
+    if two_stages_apply(args):  # each stage is a run of main() (util/two_stage.py)
+        return train_two_stages(args, main, apply_dataset_recipe)
     if args.two_stage:  # the dataset's default does not apply to one stage's run (--masks, --eval, ...)
         args.two_stage = False
         args.defaults_applied.pop("two_stage", None)
@@ -430,84 +360,6 @@ def main(args: argparse.Namespace) -> dict:
         return stats
     finally:
         destroy_distributed()
-
-
-def stage_args(args: argparse.Namespace, **overrides) -> argparse.Namespace:
-    """The arguments of one stage of --two_stage: the flags the user set, ``overrides``, and the rest back to the
-    parser's defaults so that ``main`` applies that stage's recipe (``util.args.MASK_STAGE_RECIPES`` for --masks)."""
-    defaults = vars(get_args_parser().parse_args([]))
-    stage = copy.deepcopy(args)
-    for name in args.defaults_applied or {}:
-        setattr(stage, name, copy.deepcopy(defaults[name]))
-    given = arguments.given_flags(args)
-    if given is None:  # a caller's Namespace: what differs from the defaults was set
-        given = {k for k, v in defaults.items() if getattr(stage, k, v) != v}
-    for name, value in overrides.items():
-        setattr(stage, name, value)
-    stage.explicit_flags = sorted(given | set(overrides))
-    stage.defaults_applied = None
-    return stage
-
-
-def train_two_stages(args: argparse.Namespace) -> dict:
-    """--two_stage: the box model into OUTPUT_DIR/box, then the mask head on it, frozen, into OUTPUT_DIR (the
-    original's two panoptic commands, in one). Returns stage two's stats.
-
-    Resumable: a stage whose folder holds a checkpoint.pth continues from it, and a stage whose checkpoint reached
-    its last epoch is not run again, so a requeued job (or the same command run again) goes on where it stopped."""
-    output_dir = Path(args.output_dir)
-    box_dir = output_dir / "box"
-    logger.info("Two stages: 1. the box model into %s; 2. the mask head on it, frozen, into %s", box_dir, output_dir)
-    box = stage_args(args, two_stage=False, output_dir=str(box_dir))
-    if resume_stage(box, "Stage 1"):
-        main(box)
-    logger.info("Stage 2: the mask head on the frozen box model %s", box_dir / "checkpoint.pth")
-    masks = stage_args(args, two_stage=False, masks=True, frozen_weights=str(box_dir / "checkpoint.pth"))
-    if resume_stage(masks, "Stage 2"):
-        return main(masks)
-    return logged_test_stats(output_dir / "log.txt")
-
-
-def resume_stage(stage: argparse.Namespace, name: str) -> bool:
-    """Whether a stage of --two_stage still has to run. When its output folder holds a checkpoint.pth, the stage
-    resumes from it (``stage.resume``); when that checkpoint reached the stage's last epoch, it is done (False)."""
-    own = Path(stage.output_dir) / "checkpoint.pth"
-    if not own.is_file():
-        return True
-    checkpoint = load_checkpoint(str(own))
-    probe = copy.deepcopy(stage)
-    arguments.apply_dataset_recipe(probe)
-    # the epochs resume() will train to: the checkpoint's own schedule unless --epochs was given
-    epochs = probe.epochs
-    if "epochs" not in (arguments.given_flags(probe) or set()):
-        epochs = (checkpoint.get("args") or {}).get("epochs", epochs)
-    if checkpoint["epoch"] + 1 >= epochs:
-        logger.info("%s: %s already reached its last epoch (%d): not run again", name, own, epochs - 1)
-        return False
-    logger.info("%s: resuming from %s (epoch %d of %d done)", name, own, checkpoint["epoch"] + 1, epochs)
-    stage.resume = str(own)
-    stage.explicit_flags = sorted(set(stage.explicit_flags) | {"resume"})
-    return True
-
-
-def logged_test_stats(log_path: Path) -> dict:
-    """The evaluation stats of the last line of a run's log.txt (what ``main`` returned when it trained)."""
-    lines = log_path.read_text().splitlines() if log_path.is_file() else []
-    last = json.loads(lines[-1]) if lines else {}
-    return {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
-
-
-def set_dataset_metadata(args: argparse.Namespace, dataset) -> None:
-    """``args.category_names`` {id: name} and, for a panoptic dataset, ``args.thing_ids`` (sorted ids of the thing
-    categories; None otherwise), from the dataset's own categories. Checkpoints carry them in their args, so the
-    panoptic post-processor and inference need no dataset code."""
-    args.category_names = datasets.get_category_names(dataset)
-    try:
-        is_thing_map = datasets.get_is_thing_map(dataset)
-    except TypeError:  # not a panoptic dataset
-        args.thing_ids = None
-    else:
-        args.thing_ids = sorted(k for k, is_thing in is_thing_map.items() if is_thing)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -531,7 +383,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.num_classes is None:
         args.num_classes = datasets.default_num_classes(args)
     loader_train, sampler_train, loader_val, dataset_val = build_loaders(args)
-    set_dataset_metadata(args, dataset_val)
+    datasets.set_dataset_metadata(args, dataset_val)
     model, criterion, postprocessors = build_model(args)
     if "panoptic" in postprocessors:
         require_panopticapi()  # now, rather than after the first training epoch
@@ -549,7 +401,7 @@ def run(args: argparse.Namespace) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if args.compile:
         model = CompiledOrEager(model)
-    print_start(args, model_without_ddp)
+    log_start(args, model_without_ddp)
 
     # for a panoptic dataset: the detection annotations of the same images, for box (and mask) AP, as the original
     base_ds = get_coco_api_from_dataset(dataset_val)
@@ -562,15 +414,6 @@ def run(args: argparse.Namespace) -> dict:
         return test_stats
     return train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
                  loader_train, sampler_train, loader_val, base_ds, device, output_dir)
-
-
-def wait_at_test_gate(output_dir: Path) -> None:
-    """Test-only: with $DETR_TEST_GATE=NAME, every process waits at the end of each epoch (checkpoint and log line
-    written) while OUTPUT_DIR/NAME exists, so that a test holds a job at a point it controls (e.g. to requeue it)
-    instead of counting on how long epochs take."""
-    name = os.environ.get("DETR_TEST_GATE")
-    while name and (output_dir / name).exists():
-        time.sleep(0.2)
 
 
 def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler, loader_train,
@@ -614,21 +457,9 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
     return test_stats
 
 
-def run_command_line(argv: list[str]) -> None:
-    """main.py's command: errors in the user's input (``util.errors.UserError``: a missing file, a bad path, a
-    checkpoint that does not fit, offline weights) end in ``error: <message>`` on stderr and exit status 1; with
-    DETR_DEBUG=1 in the environment they keep their traceback, as every other error does."""
-    cli_args = parse_args(argv)
-    try:
-        if cli_args.output_dir:
-            Path(cli_args.output_dir).mkdir(parents=True, exist_ok=True)
-        main(cli_args)
-    except UserError as err:
-        if os.environ.get("DETR_DEBUG", "") not in ("", "0"):
-            raise
-        print(f"error: {message_of(err)}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    run_command_line(sys.argv[1:])
+    args = parse_args(sys.argv[1:])
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    with user_errors_as_messages():  # a bad path or checkpoint: "error: <message>", exit status 1
+        main(args)

@@ -46,6 +46,7 @@ if REPO_DIR not in sys.path:
 from util import args as arguments  # noqa: E402
 from util.args import get_args_parser  # noqa: E402
 from util.logger import setup_logging  # noqa: E402
+from util.two_stage import two_stages_apply  # noqa: E402
 
 logger = logging.getLogger("detr")
 
@@ -175,11 +176,11 @@ def resume_from_own_checkpoint(args: argparse.Namespace, output_dir: Path) -> No
 
 def is_two_stage_run(args: argparse.Namespace) -> bool:
     """Whether ``main.main`` will train both stages of --two_stage (asked for, or the dataset's default)."""
-    import main as detection
+    from datasets.recipes import apply_dataset_recipe  # in the job only, as ``main``: submitting needs no datasets
 
     probe = copy.deepcopy(args)
-    arguments.apply_dataset_recipe(probe)
-    return detection.two_stages_apply(probe)
+    apply_dataset_recipe(probe)
+    return two_stages_apply(probe)
 
 
 def build_executor(args: argparse.Namespace) -> submitit.AutoExecutor:

@@ -1,5 +1,6 @@
 """Datasets: `build_dataset(image_set, args)` and what the rest of the code asks of a dataset
-(its pycocotools index, its number of classes, its category names)."""
+(its pycocotools index, its number of classes, its category names, which main.py records in the run's args with
+`set_dataset_metadata`). The flags each dataset's runs start from are in `datasets/recipes.py`."""
 from pathlib import Path
 
 import torch.utils.data
@@ -97,6 +98,19 @@ def get_is_thing_map(dataset) -> dict[int, bool]:
         raise TypeError(f"{type(unwrapped).__name__} is not a panoptic dataset: it has no thing/stuff categories "
                         f"(use --dataset_file coco_panoptic or synthetic_panoptic)")
     return dict(unwrapped.is_thing_map)
+
+
+def set_dataset_metadata(args, dataset) -> None:
+    """``args.category_names`` {id: name} and, for a panoptic dataset, ``args.thing_ids`` (sorted ids of the thing
+    categories; None otherwise), from the dataset's own categories. Checkpoints carry them in their args, so the
+    panoptic post-processor and inference need no dataset code."""
+    args.category_names = get_category_names(dataset)
+    try:
+        is_thing_map = get_is_thing_map(dataset)
+    except TypeError:  # not a panoptic dataset
+        args.thing_ids = None
+    else:
+        args.thing_ids = sorted(k for k, is_thing in is_thing_map.items() if is_thing)
 
 
 def get_panoptic_files(dataset) -> tuple[Path, Path]:

@@ -310,3 +310,18 @@ def prepare_for_coco_segmentation(image_id: int, prediction: dict) -> list[dict]
         rle["counts"] = rle["counts"].decode("utf-8")  # JSON-friendly, as in COCO result files
         results.append({"image_id": image_id, "category_id": label, "segmentation": rle, "score": score})
     return results
+
+
+def plain_eval(coco_eval: COCOeval) -> dict:
+    """COCOeval.eval (precision [T, R, K, A, M], recall, scores) as plain types, readable with weights_only: what
+    main.py saves as OUTPUT_DIR/eval/latest.pth (``util.plot_utils.plot_precision_recall`` reads it)."""
+    ev = coco_eval.eval
+    out = {k: torch.as_tensor(ev[k]) for k in ("precision", "recall", "scores")}
+    out["counts"] = [int(c) for c in ev["counts"]]
+    out["date"] = str(ev["date"])
+    p = coco_eval.params
+    out["params"] = {"iouThrs": p.iouThrs.tolist(), "recThrs": p.recThrs.tolist(),
+                     "catIds": [int(c) for c in p.catIds], "areaRngLbl": [str(a) for a in p.areaRngLbl],
+                     "maxDets": [int(m) for m in p.maxDets]}
+    out["stats"] = coco_eval.stats.tolist()
+    return out

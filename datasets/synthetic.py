@@ -21,7 +21,7 @@ pycocotools rasterises back to the same pixels); its box is the extent of that m
 pixel count. Layouts that would leave less than 70% of an object visible, or with a hole (a COCO polygon
 cannot describe one), are redrawn, so every annotation is honest.
 
-The training recipe for this data (`--dataset_file synthetic`) is `util.args.SYNTHETIC_RECIPE`.
+The training recipe for this data (`--dataset_file synthetic`) is `datasets.recipes.SYNTHETIC_RECIPE`.
 
 `build(image_set, args)` reads `args.coco_path` when set; otherwise it generates the default dataset
 once into a cache folder and reads it with the regular COCO loader (`datasets.coco.build`).

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import main as detr_main
+from datasets import recipes
 from datasets.synthetic import generate
 from engine import NonFiniteLossError, train_one_epoch
 from util import args as arguments
@@ -184,7 +185,7 @@ def test_given_flags_is_one_rule_for_the_command_line_and_scripts():
     assert arguments.given_flags(parsed) == {"dataset_file", "lr"}  # typed, even at the default value
     script = arguments.get_args_parser().parse_args(["--dataset_file", "synthetic"])
     assert arguments.given_flags(script) == {"dataset_file"}
-    arguments.apply_dataset_recipe(script)
+    recipes.apply_dataset_recipe(script)
     assert arguments.given_flags(script) == {"dataset_file"}  # what the recipe filled is not given
     script.epochs = 500
     assert arguments.given_flags(script) == {"dataset_file", "epochs"}
@@ -258,7 +259,7 @@ def test_checkpoint_flags_of_the_originals_checkpoints():
     assert flags["val_size"] == 800 and flags["max_size"] == 1333
     # on the synthetic recipe's defaults, the checkpoint wins over the recipe for every flag not given
     args = detr_main.parse_args(["--dataset_file", "synthetic", "--eval", "--resume", "detr-r50-dc5.pth"])
-    arguments.apply_dataset_recipe(args)
+    recipes.apply_dataset_recipe(args)
     detr_main.take_checkpoint_flags(args, {"model": {"class_embed.bias": torch.zeros(92)}, "args": vars(original)})
     assert (args.backbone, args.hidden_dim, args.backbone_norm, args.val_size) == ("resnet50", 256, "frozen_bn", 800)
     assert "backbone" not in args.defaults_applied and args.checkpoint_applied["backbone"] == "resnet50"
@@ -349,24 +350,24 @@ def test_bf16_training_step_is_finite_and_close_to_fp32():
 
 def test_synthetic_recipe_fills_only_flags_not_given():
     args = detr_main.parse_args(["--dataset_file", "synthetic", "--hidden_dim", "64"])
-    applied = arguments.apply_dataset_recipe(args)
+    applied = recipes.apply_dataset_recipe(args)
     assert args.hidden_dim == 64 and "hidden_dim" not in applied
-    assert args.backbone == arguments.SYNTHETIC_RECIPE["backbone"] and applied["backbone"] == "resnet18"
+    assert args.backbone == recipes.SYNTHETIC_RECIPE["backbone"] and applied["backbone"] == "resnet18"
     args = detr_main.parse_args([])
-    assert arguments.apply_dataset_recipe(args) == {} and args.backbone == "resnet50"
+    assert recipes.apply_dataset_recipe(args) == {} and args.backbone == "resnet50"
 
 
 def test_synthetic_recipe_applies_to_a_namespace_built_without_parse_args():
     # main.main(get_args_parser().parse_args([...])) is how the original's submitit script calls main
     args = detr_main.get_args_parser().parse_args(["--dataset_file", "synthetic", "--hidden_dim", "64",
                                                    "--lr", "1e-4"])
-    applied = arguments.apply_dataset_recipe(args)
+    applied = recipes.apply_dataset_recipe(args)
     assert args.backbone == "resnet18" and args.backbone_weights == "none"
-    assert args.epochs == arguments.SYNTHETIC_RECIPE["epochs"]
+    assert args.epochs == recipes.SYNTHETIC_RECIPE["epochs"]
     assert args.hidden_dim == 64 and "hidden_dim" not in applied
     # a value equal to the parser's default is indistinguishable from an absent flag: the recipe's wins
-    assert args.lr == arguments.SYNTHETIC_RECIPE["lr"]
-    assert arguments.apply_dataset_recipe(args) is applied  # idempotent
+    assert args.lr == recipes.SYNTHETIC_RECIPE["lr"]
+    assert recipes.apply_dataset_recipe(args) is applied  # idempotent
 
 
 def test_build_optimizer_two_groups():

@@ -1,5 +1,6 @@
 """Segmentation through main.py: the two-stage panoptic run (box model, then the mask head on it, frozen), PQ logged
-and reproduced by --eval --resume, stage two really frozen, dataset metadata in the checkpoint, and clear errors."""
+and reproduced by --eval --resume, stage two really frozen, dataset metadata in the checkpoint, and clear errors.
+How --two_stage splits, runs and resumes its stages (without training): tests/test_two_stage.py."""
 import contextlib
 import io
 import json
@@ -9,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import datasets
 import main as detr_main
 import models.detr
-from datasets import synthetic
+from datasets import recipes, synthetic
 from engine import train_one_epoch
 from models import build_model
 from models.segmentation import PostProcessPanoptic
-from util import args as arguments
 from util.checkpoint import save_checkpoint
 from util.nested_tensor import collate_fn
 
@@ -131,10 +132,10 @@ def test_a_training_step_of_stage_two_moves_only_the_mask_head(data_dir, tmp_pat
     parameter of the mask head moved."""
     args = detr_main.parse_args(["--dataset_file", "synthetic_panoptic", "--coco_path", str(data_dir), "--masks",
                                  "--frozen_weights", "unused.pth", "--device", "cpu"] + TINY)
-    arguments.apply_dataset_recipe(args)
+    recipes.apply_dataset_recipe(args)
     args.num_classes = 6
     dataset = synthetic.build_panoptic("train", args)
-    detr_main.set_dataset_metadata(args, dataset)
+    datasets.set_dataset_metadata(args, dataset)
     model, criterion, _ = build_model(args)
     assert args.backbone_norm == "bn"  # batch-norm statistics that a training-mode forward would update
     optimizer = detr_main.build_optimizer(model, args)
@@ -159,7 +160,7 @@ def _box_checkpoint(path: Path, argv: list[str], **recorded) -> Path:
     """An untrained box model's checkpoint, as main.py writes it (weights + plain args); ``recorded`` edits the
     args it records."""
     args = detr_main.parse_args(argv)
-    arguments.apply_dataset_recipe(args)
+    recipes.apply_dataset_recipe(args)
     args.num_classes = 6
     model, _, _ = build_model(args)
     save_checkpoint({"model": model.state_dict(), "args": dict(vars(args), **recorded)}, str(path))
@@ -193,79 +194,3 @@ def test_frozen_weights_of_another_architecture_list_what_differs(data_dir, tmp_
 def test_refused_before_anything_runs(data_dir, extra, message):
     with pytest.raises(SystemExit, match=message):
         run(["--dataset_file", "synthetic_panoptic", "--coco_path", str(data_dir)] + TINY + extra)
-
-
-def test_stage_arguments_take_each_stage_recipe():
-    args = detr_main.parse_args(["--dataset_file", "synthetic_panoptic", "--output_dir", "out", "--epochs", "2"])
-    arguments.apply_dataset_recipe(args)
-    assert args.two_stage and args.backbone_last_layer == "layer3"
-    assert detr_main.two_stages_apply(args)
-    box = detr_main.stage_args(args, two_stage=False, output_dir="out/box")
-    arguments.apply_dataset_recipe(box)
-    assert not detr_main.two_stages_apply(box) and not box.masks
-    assert box.epochs == 2 and box.lr_drop == arguments.SYNTHETIC_PANOPTIC_RECIPE["lr_drop"]
-    masks = detr_main.stage_args(args, two_stage=False, masks=True, frozen_weights="out/box/checkpoint.pth")
-    arguments.apply_dataset_recipe(masks)
-    assert masks.masks and masks.output_dir == "out" and masks.epochs == 2  # given: both stages
-    assert masks.lr_drop == arguments.SYNTHETIC_PANOPTIC_MASK_RECIPE["lr_drop"]  # the stage-two recipe
-    assert masks.hidden_dim == arguments.SYNTHETIC_PANOPTIC_RECIPE["hidden_dim"]
-    # the same from a Namespace built without parse_args (no record of the flags given)
-    plain = detr_main.get_args_parser().parse_args(["--dataset_file", "synthetic_panoptic", "--output_dir", "out"])
-    arguments.apply_dataset_recipe(plain)
-    masks = detr_main.stage_args(plain, two_stage=False, masks=True, frozen_weights="x")
-    arguments.apply_dataset_recipe(masks)
-    assert masks.epochs == arguments.SYNTHETIC_PANOPTIC_MASK_RECIPE["epochs"] and not masks.two_stage
-    # one stage asked for: --two_stage (the dataset's default) does not apply
-    one = detr_main.parse_args(["--dataset_file", "synthetic_panoptic", "--masks", "--frozen_weights", "x"])
-    arguments.apply_dataset_recipe(one)
-    assert not detr_main.two_stages_apply(one)
-
-
-def test_two_stages_run_main_twice(monkeypatch, caplog):
-    calls = []
-    monkeypatch.setattr(detr_main, "run", lambda args: calls.append(args) or {"stage": len(calls)})
-    with caplog.at_level(logging.INFO):
-        stats = run(["--dataset_file", "synthetic_panoptic", "--output_dir", "out", "--device", "cpu"])
-    assert stats == {"stage": 2}
-    assert "Two stages: 1. the box model into out/box; 2. the mask head on it, frozen, into out" in caplog.text
-    box, masks = calls
-    assert (box.output_dir, box.masks, box.frozen_weights) == ("out/box", False, None)
-    assert (masks.output_dir, masks.masks, masks.frozen_weights) == ("out", True, "out/box/checkpoint.pth")
-    assert box.epochs == arguments.SYNTHETIC_PANOPTIC_RECIPE["epochs"]
-    assert masks.epochs == arguments.SYNTHETIC_PANOPTIC_MASK_RECIPE["epochs"]
-
-
-def test_two_stages_resume_the_stage_they_were_in_and_skip_a_finished_one(monkeypatch, tmp_path):
-    """Run again (or requeued), --two_stage resumes each stage from its own folder's checkpoint.pth (stage 1 in
-    OUTPUT_DIR/box, stage 2 in OUTPUT_DIR) and does not rerun a stage whose checkpoint reached its last epoch."""
-    calls = []
-    monkeypatch.setattr(detr_main, "run", lambda args: calls.append(args) or {"stage": len(calls)})
-    out, box = tmp_path, tmp_path / "box"
-    box.mkdir()
-    box_epochs = arguments.SYNTHETIC_PANOPTIC_RECIPE["epochs"]
-    mask_epochs = arguments.SYNTHETIC_PANOPTIC_MASK_RECIPE["epochs"]
-    argv = ["--dataset_file", "synthetic_panoptic", "--output_dir", str(out), "--device", "cpu"]
-
-    def checkpoint(folder: Path, epoch: int, epochs: int) -> None:
-        save_checkpoint({"model": {}, "epoch": epoch, "args": {"epochs": epochs}}, str(folder / "checkpoint.pth"))
-
-    # requeued in stage 1: stage 1 continues from its checkpoint, stage 2 starts
-    checkpoint(box, 2, box_epochs)
-    run(argv)
-    assert [(a.output_dir, a.masks, a.resume) for a in calls] == [
-        (str(box), False, str(box / "checkpoint.pth")), (str(out), True, "")]
-    # requeued in stage 2: stage 1 is done, stage 2 continues from its own checkpoint (into a model with masks)
-    calls.clear()
-    checkpoint(box, box_epochs - 1, box_epochs)
-    checkpoint(out, 1, mask_epochs)
-    assert run(argv) == {"stage": 1}
-    assert [(a.output_dir, a.masks, a.resume, a.frozen_weights) for a in calls] == [
-        (str(out), True, str(out / "checkpoint.pth"), str(box / "checkpoint.pth"))]
-    # both done: nothing runs; the stats are stage 2's last logged ones
-    calls.clear()
-    checkpoint(out, mask_epochs - 1, mask_epochs)
-    (out / "log.txt").write_text(json.dumps({"epoch": mask_epochs - 1, "test_PQ_all": {"pq": 0.5}}) + "\n")
-    assert run(argv) == {"PQ_all": {"pq": 0.5}} and calls == []
-    # --epochs given: a stage trains to it (the resumed schedule is the command line's)
-    run(argv + ["--epochs", str(mask_epochs + 1)])
-    assert [(a.output_dir, a.resume) for a in calls] == [(str(out), str(out / "checkpoint.pth"))]

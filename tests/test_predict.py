@@ -407,7 +407,7 @@ def test_results_evaluate_to_the_numbers_of_main_eval(tmp_path, data, masks):
     # annotations, give main.py --eval's 12 numbers: every query (not only those drawn above --threshold), and the
     # mask results without boxes (so that loadRes takes the areas from the masks, as the evaluation's)
     import main as detr_main
-    from util.args import apply_dataset_recipe
+    from datasets.recipes import apply_dataset_recipe
     from util.checkpoint import save_checkpoint as save_plain
 
     # the same image size for both: main.py's --val_size / --max_size, which predict reads from the checkpoint

@@ -153,7 +153,7 @@ def test_a_restarted_job_resumes_from_its_output_folder(tmp_path):
 
 def test_a_restarted_two_stage_job_leaves_resuming_to_the_stages(tmp_path):
     """--two_stage (asked for, or synthetic_panoptic's default) resumes each stage from its own folder
-    (main.train_two_stages): --resume OUTPUT_DIR/checkpoint.pth would make it one mask-less stage."""
+    (util.two_stage.train_two_stages): --resume OUTPUT_DIR/checkpoint.pth would make it one mask-less stage."""
     (tmp_path / "checkpoint.pth").write_bytes(b"")
     for argv in (["--dataset_file", "synthetic_panoptic"], ["--two_stage"]):
         args = parse(argv)
@@ -211,7 +211,7 @@ def _ckpt_epoch(path: Path) -> int:
         return -1
 
 
-# The jobs below hold at the end of each epoch while OUTPUT_DIR/HOLD exists (main.wait_at_test_gate): the test
+# The jobs below hold at the end of each epoch while OUTPUT_DIR/HOLD exists (util.dist.wait_at_test_gate): the test
 # requeues them at points it chooses, whatever the speed of the machine; the timeouts only guard against a hang.
 GATE = "HOLD"
 REQUEUE_EPOCHS = 4

@@ -3,17 +3,22 @@
 Kept apart from main.py so that hubconf.py builds hub models from the same defaults without importing the
 training code (datasets, pycocotools). ``main.get_args_parser`` is this function.
 
-Also here: the CPU-sized training recipe that ``--dataset_file synthetic`` applies to the flags the user did not
-give (``SYNTHETIC_RECIPE``), and how "the flags the user gave" is known (``parse_args`` records them).
+Also here: how "the flags the user gave" is known (``parse_args`` records them; ``given_flags``), which a dataset's
+recipe (``datasets/recipes.py``) and a resumed checkpoint leave alone, and the checks of flag combinations
+(``check_args``).
 """
 import argparse
 import copy
 import logging
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+# What --two_stage may not be combined with (each of them means one stage); see util/two_stage.py
+ONE_STAGE_FLAGS = ("masks", "frozen_weights", "resume", "finetune", "eval")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -165,67 +170,6 @@ KNOWN_NUM_CLASSES: dict[str, int] = {"coco": 91, "coco_panoptic": 250}
 KNOWN_THING_IDS: dict[str, list[int]] = {"coco_panoptic": list(range(91))}
 
 
-# Model/training flags for the embedded synthetic dataset on a CPU, applied to every flag the user did not set.
-SYNTHETIC_RECIPE: dict[str, Any] = {
-    # a small model that fits a 2-core CPU
-    "backbone": "resnet18",
-    "backbone_weights": "none",
-    "hidden_dim": 128,
-    "enc_layers": 2,
-    "dec_layers": 6,
-    "dim_feedforward": 512,
-    "nheads": 8,
-    "num_queries": 16,
-    "dropout": 0.0,
-    # convergence aids for training from random weights in minutes (not the published DETR recipe)
-    "backbone_norm": "bn",
-    "train_backbone_stem": True,
-    "backbone_last_layer": "layer3",
-    "backbone_blocks": 1,  # compute aid: one residual block per stage, 0.58x the FLOPs of an iteration
-    "pos_at_input": True,
-    "spatial_prior": True,
-    "warmup_iters": 200,
-    # schedule and data
-    "batch_size": 8,
-    "lr": 4e-4,
-    "lr_backbone": 4e-4,
-    "epochs": 11,
-    "lr_drop": 9,
-    "scales": [128],
-    "max_size": 160,
-    "val_size": 128,
-    "crop_scales": [],
-    "num_workers": 0,
-}
-
-# --dataset_file synthetic_panoptic: both stages of panoptic training on the synthetic data, CPU-sized (see the
-# README). Stage 1, the box model: it predicts things (shapes) and stuff ('sky', 'ground'), whose boxes the panoptic
-# annotations hold. The detection recipe's model and aids: the backbone ends at layer3 (stride 16: a stride-32 map
-# of a 128 px image is 4x5, too coarse for the shapes); the mask head reads layer3, layer2, layer1 and needs
-# hidden_dim a multiple of 128 and 8 heads (its GroupNorm(8) layers).
-SYNTHETIC_PANOPTIC_RECIPE: dict[str, Any] = {
-    "two_stage": True,
-    **SYNTHETIC_RECIPE,
-    # the detection recipe's 6 decoder layers and 1-block trunk came after this recipe was measured (PQ target met
-    # with 2 decoder layers and the full ResNet-18 trunk)
-    "dec_layers": 2,
-    "backbone_blocks": 0,
-    "epochs": 8,
-    "lr_drop": 6,
-}
-# Stage 2 (--masks, on the frozen box model): what changes from stage 1
-SYNTHETIC_PANOPTIC_MASK_RECIPE: dict[str, Any] = {
-    "epochs": 6,
-    "lr_drop": 5,
-    "warmup_iters": 0,
-}
-
-# --dataset_file -> the recipe its runs start from; with --masks, MASK_STAGE_RECIPES on top of it
-DATASET_RECIPES: dict[str, dict[str, Any]] = {"synthetic": SYNTHETIC_RECIPE,
-                                              "synthetic_panoptic": SYNTHETIC_PANOPTIC_RECIPE}
-MASK_STAGE_RECIPES: dict[str, dict[str, Any]] = {"synthetic_panoptic": SYNTHETIC_PANOPTIC_MASK_RECIPE}
-
-
 def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """The destinations of the flags actually given in ``argv`` (whatever their values)."""
     probe = copy.deepcopy(parser)
@@ -261,24 +205,20 @@ def given_flags(args: argparse.Namespace) -> set[str]:
     return {k for k, v in defaults.items() if getattr(args, k, v) != v and k not in filled}
 
 
-def apply_dataset_recipe(args: argparse.Namespace) -> dict[str, Any]:
-    """Give every flag the user did not set the value of the dataset's recipe (``DATASET_RECIPES``, with ``--masks``
-    updated by ``MASK_STAGE_RECIPES``); returns and records in ``args.defaults_applied`` what was applied. Idempotent.
-
-    Which flags were set is ``given_flags(args)``: without ``args.explicit_flags``, those whose value differs
-    from the parser's default, so ``main.main(get_args_parser().parse_args(['--dataset_file', 'synthetic']))``
-    gets the same recipe as the command line.
-    """
-    if getattr(args, "defaults_applied", None) is not None:
-        return args.defaults_applied
-    recipe = dict(DATASET_RECIPES.get(args.dataset_file, {}))
-    if getattr(args, "masks", False):
-        recipe.update(MASK_STAGE_RECIPES.get(args.dataset_file, {}))
-    given = given_flags(args)
-    applied = {}
-    for name, value in recipe.items():
-        if name not in given:
-            setattr(args, name, copy.deepcopy(value))
-            applied[name] = value
-    args.defaults_applied = applied
-    return applied
+def check_args(args: argparse.Namespace) -> None:
+    """Stop with a message on flag combinations that cannot work, before anything is built."""
+    if args.frozen_weights is not None and not args.masks:
+        raise SystemExit("--frozen_weights is only for training the segmentation head: add --masks")
+    if args.finetune and (args.resume or args.frozen_weights):
+        raise SystemExit("--finetune starts from a checkpoint's weights only; it cannot be combined with "
+                         f"--{'resume' if args.resume else 'frozen_weights'} (use one of them)")
+    if args.masks and (args.hidden_dim % 128 or args.nheads % 8):
+        raise SystemExit(f"--masks: the mask head's GroupNorm(8) layers need --hidden_dim a multiple of 128 and "
+                         f"--nheads a multiple of 8 (got --hidden_dim {args.hidden_dim} --nheads {args.nheads})")
+    if args.two_stage:
+        one_stage = [f"--{name}" for name in ONE_STAGE_FLAGS if getattr(args, name)]
+        if one_stage and "two_stage" in given_flags(args):
+            raise SystemExit(f"--two_stage trains both stages from scratch; it cannot be combined with "
+                             f"{', '.join(one_stage)} (run that stage alone)")
+        if not one_stage and not args.output_dir:
+            raise SystemExit("--two_stage needs --output_dir: stage 2 reads the box model from OUTPUT_DIR/box")

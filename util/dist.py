@@ -18,7 +18,9 @@ import datetime
 import logging
 import os
 import subprocess
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -279,3 +281,12 @@ def destroy_distributed() -> None:
     """Tear down the default process group (call once at the end of training / evaluation)."""
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
+
+
+def wait_at_test_gate(output_dir: Path) -> None:
+    """Test-only: with $DETR_TEST_GATE=NAME, every process waits at the end of each epoch (checkpoint and log line
+    written) while OUTPUT_DIR/NAME exists, so that a test holds a job at a point it controls (e.g. to requeue it)
+    instead of counting on how long epochs take."""
+    name = os.environ.get("DETR_TEST_GATE")
+    while name and (output_dir / name).exists():
+        time.sleep(0.2)

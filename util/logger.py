@@ -1,5 +1,5 @@
-"""Console logging (info from rank 0, warnings and errors from every rank) and the smoothed training meters
-behind the console metric lines."""
+"""Console logging (info from rank 0, warnings and errors from every rank), what a run logs at start, and the
+smoothed training meters behind the console metric lines."""
 import datetime
 import logging
 import sys
@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from util.dist import all_gather, launch_rank_and_world_size
+from util.dist import all_gather, get_world_size, launch_rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,36 @@ def setup_for_distributed(is_master: bool) -> None:
     print._detr_original = builtin_print
     builtins.print = print
     setup_logging()
+
+
+def _as_flag(name: str, value) -> str:
+    if isinstance(value, bool):
+        return f"--{name}" if value else ""
+    if isinstance(value, list):
+        return f"--{name} {' '.join(map(str, value))}".rstrip()
+    return f"--{name} {value}"
+
+
+def log_start(args, model: torch.nn.Module) -> None:
+    """What a run derived before it starts: the flags a dataset recipe or a resumed checkpoint filled in, the number
+    of classes and where it comes from, the categories, trainable parameters and the effective batch size."""
+    if args.defaults_applied:
+        logger.info("Dataset defaults for %s (flags you did not set): %s", args.dataset_file,
+                    " ".join(_as_flag(k, v) for k, v in args.defaults_applied.items()))
+    from_checkpoint = getattr(args, "checkpoint_applied", None) or {}
+    if from_checkpoint:
+        logger.info("From the checkpoint %s (flags you did not set): %s", args.resume,
+                    " ".join(_as_flag(k, v) for k, v in from_checkpoint.items()))
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("number of classes: %d (%s)", args.num_classes,
+                "from the checkpoint" if "num_classes" in from_checkpoint else
+                "--num_classes" if args.num_classes_given else f"from the {args.dataset_file} dataset")
+    if args.thing_ids is not None:
+        logger.info("categories: %d things, %d stuff (from the dataset)", len(args.thing_ids),
+                    len(args.category_names) - len(args.thing_ids))
+    logger.info("trainable parameters: %d", n_parameters)
+    logger.info("effective batch size: %d (%d per process x %d processes)", args.batch_size * get_world_size(),
+                args.batch_size, get_world_size())
 
 
 class SmoothedValue:

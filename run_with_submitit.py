@@ -44,7 +44,7 @@ if REPO_DIR not in sys.path:
     sys.path.insert(0, REPO_DIR)
 
 from util import args as arguments  # noqa: E402
-from util.args import get_args_parser  # noqa: E402
+from util.args import HelpFormatter, get_args_parser  # noqa: E402
 from util.logger import setup_logging  # noqa: E402
 from util.two_stage import two_stages_apply  # noqa: E402
 
@@ -55,7 +55,7 @@ MAX_NUM_TIMEOUT = 30
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Submitit for DETR", parents=[get_args_parser()])
+    parser = argparse.ArgumentParser("Submitit for DETR", parents=[get_args_parser()], formatter_class=HelpFormatter)
     group = parser.add_argument_group("job")
     group.add_argument("--ngpus", default=8, type=int,
                        help="processes per node: one per GPU (with --device cpu, CPU processes)")

@@ -17,145 +17,170 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+# --dataset_file: the datasets ``datasets.build_dataset`` builds
+DATASET_FILES = ("coco", "coco_panoptic", "synthetic", "synthetic_panoptic")
 # What --two_stage may not be combined with (each of them means one stage); see util/two_stage.py
 ONE_STAGE_FLAGS = ("masks", "frozen_weights", "resume", "finetune", "eval")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default after its help, except where there is nothing to show: a switch
+    (``store_true``) is off by default, and an unset path (None, '') is explained by its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if switch or action.default is None or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Set transformer detector", add_help=False)
-    parser.add_argument("--lr", default=1e-4, type=float, help="learning rate of the transformer and heads")
-    parser.add_argument("--lr_backbone", default=1e-5, type=float,
-                        help="learning rate of the backbone; 0 freezes it (and then no intermediate layer trains)")
-    parser.add_argument("--batch_size", default=2, type=int, help="images per process and step")
-    parser.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
-    parser.add_argument("--epochs", default=300, type=int, help="number of training epochs")
-    parser.add_argument("--lr_drop", default=200, type=int, help="epoch at which the lr is divided by 10 (StepLR)")
-    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: none)")
-    parser.add_argument("--warmup_iters", default=0, type=int,
-                        help="linear lr warmup over this many iterations (0: none, as the original)")
+    """main.py's flags, by topic (argument groups, which parsers built with ``parents=[get_args_parser()]`` keep)."""
+    parser = argparse.ArgumentParser("Set transformer detector", add_help=False, formatter_class=HelpFormatter)
 
-    # Model parameters
-    parser.add_argument("--frozen_weights", type=str, default=None,
-                        help="path to a pretrained box model; if set, only the mask head is trained")
+    model = parser.add_argument_group("model")
+    model.add_argument("--frozen_weights", type=str, default=None,
+                       help="path to a pretrained box model; if set, only the mask head is trained")
     # * Backbone
-    parser.add_argument("--backbone", default="resnet50", type=str, help="torchvision ResNet to use")
-    parser.add_argument("--dilation", action="store_true",
-                        help="replace the stride of the last block by a dilation (DC5)")
-    parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned", "v2", "v3"),
-                        help="type of positional embedding on top of the image features")
-    parser.add_argument("--backbone_weights", default="imagenet", type=str,
-                        help="initial backbone weights: 'imagenet' (torchvision's ImageNet-1k V1, from the torch "
-                             "hub cache or downloaded), 'none' (random) or a path to a ResNet state dict; not used "
-                             "when a full checkpoint is loaded (--resume, --frozen_weights)")
-    parser.add_argument("--backbone_norm", default="frozen_bn", choices=("frozen_bn", "bn"),
-                        help="backbone normalisation: frozen batch norm (original) or trainable BatchNorm "
-                             "(convergence aid when training from random weights)")
-    parser.add_argument("--backbone_last_layer", default="layer4", choices=("layer3", "layer4"),
-                        help="last ResNet stage used: layer4 (stride 32, original) or layer3 (stride 16)")
-    parser.add_argument("--backbone_blocks", default=0, type=int,
-                        help="keep only the first N residual blocks of each ResNet stage (0: all, the original); "
-                             "a shallower trunk, e.g. 1 makes resnet18 a 1-1-1-1 ResNet")
-    parser.add_argument("--train_backbone_stem", action="store_true",
-                        help="also train the stem and layer1 (frozen in the original)")
+    model.add_argument("--backbone", default="resnet50", type=str, help="torchvision ResNet to use")
+    model.add_argument("--dilation", action="store_true",
+                       help="replace the stride of the last block by a dilation (DC5)")
+    model.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned", "v2", "v3"),
+                       help="type of positional embedding on top of the image features (v2, v3: the original's "
+                            "other names for sine, learned)")
+    model.add_argument("--backbone_weights", default="imagenet", type=str,
+                       help="initial backbone weights: 'imagenet' (torchvision's ImageNet-1k V1, from the torch "
+                            "hub cache or downloaded), 'none' (random) or a path to a ResNet state dict; not used "
+                            "when a full checkpoint is loaded (--resume, --frozen_weights)")
     # * Transformer
-    parser.add_argument("--enc_layers", default=6, type=int, help="number of encoding layers in the transformer")
-    parser.add_argument("--dec_layers", default=6, type=int, help="number of decoding layers in the transformer")
-    parser.add_argument("--dim_feedforward", default=2048, type=int,
-                        help="intermediate size of the feedforward layers in the transformer blocks")
-    parser.add_argument("--hidden_dim", default=256, type=int,
-                        help="size of the embeddings (dimension of the transformer)")
-    parser.add_argument("--dropout", default=0.1, type=float, help="dropout applied in the transformer")
-    parser.add_argument("--nheads", default=8, type=int, help="number of attention heads in the transformer")
-    parser.add_argument("--num_queries", default=100, type=int, help="number of query slots")
-    parser.add_argument("--pre_norm", action="store_true", help="pre-norm transformer layers")
-    parser.add_argument("--pos_at_input", action="store_true",
-                        help="also add the positional encoding to the encoder input (convergence aid)")
-    parser.add_argument("--query_groups", default=1, type=int,
-                        help="train with this many groups of queries, each matched on its own (Group DETR; a "
-                             "convergence aid, 1 = the original); inference uses the first group")
-    parser.add_argument("--spatial_prior", action="store_true",
-                        help="per-query reference points with a Gaussian cross-attention prior, SMCA-style "
-                             "(convergence aid for training from scratch; not the published DETR)")
+    model.add_argument("--enc_layers", default=6, type=int, help="number of encoding layers in the transformer")
+    model.add_argument("--dec_layers", default=6, type=int, help="number of decoding layers in the transformer")
+    model.add_argument("--dim_feedforward", default=2048, type=int,
+                       help="intermediate size of the feedforward layers in the transformer blocks")
+    model.add_argument("--hidden_dim", default=256, type=int,
+                       help="size of the embeddings (dimension of the transformer)")
+    model.add_argument("--dropout", default=0.1, type=float, help="dropout applied in the transformer")
+    model.add_argument("--nheads", default=8, type=int, help="number of attention heads in the transformer")
+    model.add_argument("--num_queries", default=100, type=int, help="number of query slots")
+    model.add_argument("--pre_norm", action="store_true", help="pre-norm transformer layers")
+    model.add_argument("--num_classes", default=None, type=int,
+                       help="number of object classes (max class id + 1); default from the dataset: 91 for coco, "
+                            "250 for coco_panoptic, the categories of the annotation file otherwise")
     # * Segmentation
-    parser.add_argument("--masks", action="store_true", help="train the segmentation head")
-    parser.add_argument("--two_stage", action=argparse.BooleanOptionalAction, default=False,
-                        help="train the box model into OUTPUT_DIR/box, then the mask head on it, frozen (--masks "
-                             "--frozen_weights OUTPUT_DIR/box/checkpoint.pth), into OUTPUT_DIR: the original's two "
-                             "commands in one, each stage with the dataset's recipe for it (on by default for "
-                             "synthetic_panoptic; --no-two_stage trains the box model only)")
+    model.add_argument("--masks", action="store_true", help="train the segmentation head")
 
-    parser.add_argument("--panoptic_threshold", default=0.85, type=float,
-                        help="panoptic post-processing: queries scoring at most this are left out of the panoptic "
-                             "segmentation (0.85, the original's)")
-
-    # Loss
-    parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
-                        help="disable the auxiliary decoding losses (loss at each layer)")
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                      help="disable the auxiliary decoding losses (loss at each layer)")
     # * Matcher
-    parser.add_argument("--set_cost_class", default=1, type=float, help="class coefficient in the matching cost")
-    parser.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box coefficient in the matching cost")
-    parser.add_argument("--set_cost_giou", default=2, type=float, help="giou box coefficient in the matching cost")
+    loss.add_argument("--set_cost_class", default=1, type=float, help="class coefficient in the matching cost")
+    loss.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box coefficient in the matching cost")
+    loss.add_argument("--set_cost_giou", default=2, type=float, help="giou box coefficient in the matching cost")
     # * Loss coefficients
-    parser.add_argument("--mask_loss_coef", default=1, type=float, help="weight of the focal mask loss")
-    parser.add_argument("--dice_loss_coef", default=1, type=float, help="weight of the dice mask loss")
-    parser.add_argument("--bbox_loss_coef", default=5, type=float, help="weight of the L1 box loss")
-    parser.add_argument("--giou_loss_coef", default=2, type=float, help="weight of the GIoU box loss")
-    parser.add_argument("--eos_coef", default=0.1, type=float,
-                        help="relative classification weight of the no-object class")
+    loss.add_argument("--mask_loss_coef", default=1, type=float, help="weight of the focal mask loss")
+    loss.add_argument("--dice_loss_coef", default=1, type=float, help="weight of the dice mask loss")
+    loss.add_argument("--bbox_loss_coef", default=5, type=float, help="weight of the L1 box loss")
+    loss.add_argument("--giou_loss_coef", default=2, type=float, help="weight of the GIoU box loss")
+    loss.add_argument("--eos_coef", default=0.1, type=float,
+                      help="relative classification weight of the no-object class")
 
-    # dataset parameters
-    parser.add_argument("--dataset_file", default="coco",
-                        help="coco, coco_panoptic, synthetic or synthetic_panoptic")
-    parser.add_argument("--coco_path", type=str, help="COCO-format folder (train2017/, val2017/, annotations/)")
-    parser.add_argument("--coco_panoptic_path", type=str, help="COCO panoptic folder")
-    parser.add_argument("--remove_difficult", action="store_true", help="(unused; kept for compatibility)")
-    parser.add_argument("--num_classes", default=None, type=int,
-                        help="number of object classes (max class id + 1); default from the dataset: 91 for coco, "
-                             "250 for coco_panoptic, the categories of the annotation file otherwise")
-    parser.add_argument("--scales", default=[480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], type=int,
-                        nargs="+", help="training shorter-side sizes, one picked at random per image")
-    parser.add_argument("--max_size", default=1333, type=int, help="longest side after resizing")
-    parser.add_argument("--val_size", default=800, type=int, help="evaluation shorter-side size")
-    parser.add_argument("--crop_scales", default=[400, 500, 600], type=int, nargs="*",
-                        help="sizes of the resize before the random crop augmentation (empty: no crop branch)")
-    parser.add_argument("--crop_size", default=[384, 600], type=int, nargs=2,
-                        help="min and max side of the random crop")
-    parser.add_argument("--aspect_ratio_grouping", action="store_true",
-                        help="batch training images of similar aspect ratio together (less padding, less compute; "
-                             "the original mixes them)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_file", default="coco", choices=DATASET_FILES,
+                      help="the dataset; synthetic and synthetic_panoptic (the embedded CPU-sized data, generated "
+                           "on first use) also set every flag not given to their recipe (datasets/recipes.py)")
+    data.add_argument("--coco_path", type=str, help="COCO-format folder (train2017/, val2017/, annotations/)")
+    data.add_argument("--coco_panoptic_path", type=str, help="COCO panoptic folder")
+    data.add_argument("--remove_difficult", action="store_true", help="(unused; kept for compatibility)")
+    data.add_argument("--scales", default=[480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], type=int,
+                      nargs="+", help="training shorter-side sizes, one picked at random per image")
+    data.add_argument("--max_size", default=1333, type=int, help="longest side after resizing")
+    data.add_argument("--val_size", default=800, type=int, help="evaluation shorter-side size")
+    data.add_argument("--crop_scales", default=[400, 500, 600], type=int, nargs="*",
+                      help="sizes of the resize before the random crop augmentation (empty: no crop branch)")
+    data.add_argument("--crop_size", default=[384, 600], type=int, nargs=2,
+                      help="min and max side of the random crop")
+    data.add_argument("--aspect_ratio_grouping", action="store_true",
+                      help="batch training images of similar aspect ratio together (less padding, less compute; "
+                           "the original mixes them)")
+    data.add_argument("--num_workers", default=2, type=int, help="data loading workers")
 
-    parser.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device to use for training / testing")
-    parser.add_argument("--seed", default=42, type=int)
-    parser.add_argument("--resume", default="",
-                        help="resume from checkpoint (path or URL): model, optimizer, lr scheduler and epoch; the "
-                             "checkpoint's architecture, evaluation size (--val_size, --max_size) and schedule "
-                             "(--epochs, --lr, --lr_drop, ...) apply to every flag not given here. A flag counts as "
-                             "given when it is on the command line, or, for a script calling main.main(args) "
-                             "without args.explicit_flags, when its value differs from the parser's default")
-    parser.add_argument("--finetune", default="",
-                        help="start from a checkpoint's model weights only (path or URL); a class head of another "
-                             "size is re-initialised with a warning; optimizer and epoch start fresh")
-    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
-    parser.add_argument("--eval", action="store_true", help="only evaluate")
-    parser.add_argument("--coco_eval_backend", default="auto", choices=("auto", "pycocotools", "hotcoco"),
-                        help="COCO evaluator: hotcoco (fast, the same numbers as pycocotools), pycocotools (the "
-                             "reference) or auto (hotcoco when installed, else pycocotools)")
-    parser.add_argument("--num_workers", default=2, type=int, help="data loading workers")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (pays on long runs: about 1.15x faster training steps on a CPU "
-                             "after one to three minutes of compilation; falls back to eager where it cannot compile)")
-    parser.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
-                        help="mixed precision: off (fp32, as the original), bf16 or fp16")
+    training = parser.add_argument_group("training")
+    training.add_argument("--lr", default=1e-4, type=float, help="learning rate of the transformer and heads")
+    training.add_argument("--lr_backbone", default=1e-5, type=float,
+                          help="learning rate of the backbone; 0 freezes it (and then no intermediate layer trains)")
+    training.add_argument("--batch_size", default=2, type=int, help="images per process and step")
+    training.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
+    training.add_argument("--epochs", default=300, type=int, help="number of training epochs")
+    training.add_argument("--lr_drop", default=200, type=int, help="epoch at which the lr is divided by 10 (StepLR)")
+    training.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: none)")
+    training.add_argument("--two_stage", action=argparse.BooleanOptionalAction, default=False,
+                          help="train the box model into OUTPUT_DIR/box, then the mask head on it, frozen (--masks "
+                               "--frozen_weights OUTPUT_DIR/box/checkpoint.pth), into OUTPUT_DIR: the original's two "
+                               "commands in one, each stage with the dataset's recipe for it (on by default for "
+                               "synthetic_panoptic; --no-two_stage trains the box model only)")
+    training.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
+    training.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                          help="device to use for training / testing")
+    training.add_argument("--seed", default=42, type=int,
+                          help="random seed (each process adds its rank to it, as the original)")
+    training.add_argument("--resume", default="",
+                          help="resume from checkpoint (path or URL): model, optimizer, lr scheduler and epoch; the "
+                               "checkpoint's architecture, evaluation size (--val_size, --max_size) and schedule "
+                               "(--epochs, --lr, --lr_drop, ...) apply to every flag not given here. A flag counts "
+                               "as given when it is on the command line, or, for a script calling main.main(args) "
+                               "without args.explicit_flags, when its value differs from the parser's default")
+    training.add_argument("--finetune", default="",
+                          help="start from a checkpoint's model weights only (path or URL); a class head of another "
+                               "size is re-initialised with a warning; optimizer and epoch start fresh")
+    training.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
+    training.add_argument("--compile", action="store_true",
+                          help="torch.compile the model (pays on long runs: about 1.15x faster training steps on a "
+                               "CPU after one to three minutes of compilation; falls back to eager where it cannot "
+                               "compile)")
+    training.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
+                          help="mixed precision: off (fp32, as the original), bf16 or fp16")
 
-    # distributed training parameters
-    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
-    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
-    parser.add_argument("--dist_backend", default="auto", choices=("auto", "nccl", "gloo"),
-                        help="torch.distributed backend: auto (NCCL when training on CUDA, else gloo), nccl or gloo")
-    parser.add_argument("--dist_timeout", default=30.0, type=float,
-                        help="minutes after which a collective that some rank never joins fails (instead of hanging)")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--eval", action="store_true", help="only evaluate")
+    evaluation.add_argument("--coco_eval_backend", default="auto", choices=("auto", "pycocotools", "hotcoco"),
+                            help="COCO evaluator: hotcoco (fast, the same numbers as pycocotools), pycocotools (the "
+                                 "reference) or auto (hotcoco when installed, else pycocotools)")
+    evaluation.add_argument("--panoptic_threshold", default=0.85, type=float,
+                            help="panoptic post-processing: queries scoring at most this are left out of the "
+                                 "panoptic segmentation (the default is the original's)")
+
+    distributed = parser.add_argument_group("distributed")
+    distributed.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    distributed.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    distributed.add_argument("--dist_backend", default="auto", choices=("auto", "nccl", "gloo"),
+                             help="torch.distributed backend (auto: NCCL when training on CUDA, else gloo)")
+    distributed.add_argument("--dist_timeout", default=30.0, type=float,
+                             help="minutes after which a collective that some rank never joins fails (instead of "
+                                  "hanging)")
+
+    aids = parser.add_argument_group(
+        "CPU convergence aids", "not in the original: they let a small model train from random weights in minutes "
+                                "(the synthetic recipes use them); the defaults are the original's")
+    aids.add_argument("--warmup_iters", default=0, type=int,
+                      help="linear lr warmup over this many iterations (0: none, as the original)")
+    aids.add_argument("--backbone_norm", default="frozen_bn", choices=("frozen_bn", "bn"),
+                      help="backbone normalisation: frozen batch norm (original) or trainable BatchNorm "
+                           "(convergence aid when training from random weights)")
+    aids.add_argument("--backbone_last_layer", default="layer4", choices=("layer3", "layer4"),
+                      help="last ResNet stage used: layer4 (stride 32, original) or layer3 (stride 16)")
+    aids.add_argument("--backbone_blocks", default=0, type=int,
+                      help="keep only the first N residual blocks of each ResNet stage (0: all, the original); "
+                           "a shallower trunk, e.g. 1 makes resnet18 a 1-1-1-1 ResNet")
+    aids.add_argument("--train_backbone_stem", action="store_true",
+                      help="also train the stem and layer1 (frozen in the original)")
+    aids.add_argument("--pos_at_input", action="store_true",
+                      help="also add the positional encoding to the encoder input (convergence aid)")
+    aids.add_argument("--query_groups", default=1, type=int,
+                      help="train with this many groups of queries, each matched on its own (Group DETR; a "
+                           "convergence aid, 1 = the original); inference uses the first group")
+    aids.add_argument("--spatial_prior", action="store_true",
+                      help="per-query reference points with a Gaussian cross-attention prior, SMCA-style "
+                           "(convergence aid for training from scratch; not the published DETR)")
     return parser
 
 
@@ -185,7 +210,8 @@ def parse_args(argv: list[str], parser: Optional[argparse.ArgumentParser] = None
     flags given on the command line override the schedule of a resumed checkpoint.
     """
     if parser is None:
-        parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()])
+        parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()],
+                                         formatter_class=HelpFormatter)
     args = parser.parse_args(argv)
     args.explicit_flags = explicit_flags(parser, argv)
     return args

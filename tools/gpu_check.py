@@ -1,6 +1,6 @@
 """The CUDA path, proven in one run: correctness against the CPU, speed, the synthetic main job and torchrun + NCCL.
 
-    python -m tools.gpu_check                          # everything, on the GPU (about 6 minutes on one H200)
+    python -m tools.gpu_check                          # everything, on the GPU (planned: 6 minutes on one H200)
     python -m tools.gpu_check --reference ../detr      # also the original facebookresearch/detr's speed, same GPU
     python -m tools.gpu_check --only correctness       # a subset: correctness, speed, jobs, torchrun
     python -m tools.gpu_check --skip_jobs              # without the two synthetic training jobs (the long rows)
@@ -22,7 +22,8 @@ sections FAILs (speed and job rows report; they do not gate); 0 otherwise.
    fp32 and bf16. ``--reference PATH`` (a checkout of facebookresearch/detr) measures the original the same way in
    its own process, since both checkouts have top-level ``models``/``util`` packages.
 3. jobs: the synthetic main job (``main.py --dataset_file synthetic --device cuda``, its recipe as it is, plus
-   ``--num_workers``) in fp32 and ``--amp bf16``, both at once on the GPU; each is stopped once ``log.txt`` shows
+   ``--num_workers``) in fp32 and ``--amp bf16``, both at once on the GPU (``--serial_jobs``: one after the
+   other, each then alone on the GPU, up to twice the time); each is stopped once ``log.txt`` shows
    ``test_coco_eval_bbox[1]`` (AP50) >= 0.80, or at ``--job_cap`` seconds. Reports minutes of training
    (``elapsed_s``) to that epoch. The synthetic data is generated once into ``$DETR_DATA_DIR`` (or
    ``~/.cache/detr``), about 20 s, and reused by later runs.
@@ -33,8 +34,9 @@ sections FAILs (speed and job rows report; they do not gate); 0 otherwise.
 epoch of 16 images with no AP target, torchrun with gloo on CPU, ``torch.compile`` with its ``eager`` backend) on
 CUDA when there is one, else on the CPU, where "cuda vs cpu" rows compare the CPU with itself.
 
-Budget (one H200, nothing cached): correctness about 40 s, speed about 2.5 min (most of it compiling R50 twice),
-jobs at most --job_cap (100 s) plus the data, torchrun about 40 s. The table ends with each section's seconds.
+Budget, planned for one H200 with nothing cached and not yet measured there (the first GPU run will tell; the table
+ends with each section's seconds): correctness under a minute, speed about 2.5 min (mostly compiling R50 for two
+batch sizes), jobs at most --job_cap (100 s) plus about 20 s of data, torchrun about 40 s: about 6 minutes.
 
 Packages the GPU machine may lack: pycocotools (main.py, so the job and torchrun rows, and the original's training
 row), hotcoco (faster COCO evaluation; pycocotools is used without it), submitit and panopticapi-lite (no row needs
@@ -71,6 +73,7 @@ OPTIONAL_PACKAGES = {"pycocotools": "pycocotools", "hotcoco": "hotcoco", "submit
                      "panopticapi-lite": "panopticapi"}
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 INFER_MODES = ("fp32", "tf32", "bf16", "bf16+compile")
+WORKER_PARTS = ("eager inference", "training", "compiled inference")  # tools/gpu_check_speed.py's parts
 MODE_NAMES = {"fp32": "fp32 (TF32 off)", "tf32": "TF32", "bf16": "bf16 autocast", "bf16+compile": "bf16 + --compile"}
 # tiny model flags for --smoke (every flag explicit, so the synthetic recipe applies to none of them)
 TINY_MODEL = dict(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=64,
@@ -114,7 +117,9 @@ class Report:
         return [r for r in self.rows if r[0] in sections and r[2].startswith("FAIL")]
 
     def markdown(self) -> str:
-        head = ["section", "check", "status", "value"] + (["original (facebookresearch/detr)"] if self.reference else [])
+        head = ["section", "check", "status", "value"]
+        if self.reference:
+            head.append("original (facebookresearch/detr)")
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.rows:
             cells = list(row if self.reference else row[:4])
@@ -501,6 +506,10 @@ def speed(report: Report, cfg: dict, device, timeout: float, smoke: bool, refere
         report.add("speed", "speed worker (this checkout)", f"FAIL: {problem}")
     if reference is not None and their_problem:
         report.add("speed", "speed worker (the original)", f"FAIL: {their_problem}")
+    for part in WORKER_PARTS:  # a part of the worker that failed as a whole (e.g. a checkout that does not import)
+        for who, rows in (("this checkout", ours), ("the original", theirs)):
+            if part in rows:
+                report.add("speed", f"speed worker ({who}): {part}", f"FAIL: {rows[part].get('reason', '')}")
     name = "R50" if cfg["model"] == "r50" else "tiny model"
     h, w = cfg["infer_shape"]
     keys = [(f"infer/{b}/{m}", f"{name} inference {h}x{w}, batch {b}, {MODE_NAMES[m]}")
@@ -551,7 +560,7 @@ def first_reaching(lines: list[dict], target: Optional[float]) -> Optional[dict]
 
 
 def jobs(report: Report, cfg: dict, device, timeout: float, job_cap: float, workers: int, smoke: bool,
-         work: Path) -> None:
+         work: Path, serial: bool = False) -> None:
     absent = missing("pycocotools")
     amps = ("off", "bf16")
     if absent:
@@ -569,31 +578,34 @@ def jobs(report: Report, cfg: dict, device, timeout: float, job_cap: float, work
         env["DETR_DATA_DIR"] = str(root.parent)  # the cached default dataset, as the real main job reads it
     target = cfg["target_ap50"]
     cap = min(job_cap, timeout)
-    procs = {}
-    for amp in amps:
-        out = work / f"job_{amp}"
-        cmd = [sys.executable, "main.py", "--dataset_file", "synthetic", "--device", device.type, "--output_dir",
-               out, "--num_workers", str(workers), "--amp", amp] + cfg["job_flags"]
-        if cfg["job_data"] is not None:
-            cmd += ["--coco_path", root]
-        procs[amp] = (start(cmd, env, work / f"job_{amp}.out", REPO), out / "log.txt")
-    started = time.time()
-    ends = {}
-    # both jobs side by side on the same device; each stops at the target AP50, at its end, or at the cap
-    while len(ends) < len(procs):
-        time.sleep(0.5 if smoke else 2)
-        for amp, (proc, log) in procs.items():
-            if amp in ends:
-                continue
-            reached = first_reaching(read_log(log), target)
-            if reached is not None or proc.poll() is not None or time.time() - started > cap:
-                stop(proc)
-                ends[amp] = (reached, time.time() - started, proc.returncode)
+    procs, ends = {}, {}
+    # by default both jobs side by side on the same device (the budget has no room for one after the other); each
+    # stops at the target AP50, at its end, or at the cap
+    for group in ([[amp] for amp in amps] if serial else [list(amps)]):
+        started = time.time()
+        for amp in group:
+            out = work / f"job_{amp}"
+            cmd = [sys.executable, "main.py", "--dataset_file", "synthetic", "--device", device.type, "--output_dir",
+                   out, "--num_workers", str(workers), "--amp", amp] + cfg["job_flags"]
+            if cfg["job_data"] is not None:
+                cmd += ["--coco_path", root]
+            procs[amp] = (start(cmd, env, work / f"job_{amp}.out", REPO), out / "log.txt")
+        while any(amp not in ends for amp in group):
+            time.sleep(0.5 if smoke else 2)
+            for amp in group:
+                proc, log = procs[amp]
+                if amp in ends:
+                    continue
+                reached = first_reaching(read_log(log), target)
+                if reached is not None or proc.poll() is not None or time.time() - started > cap:
+                    stop(proc)
+                    ends[amp] = (reached, time.time() - started, proc.returncode)
     for amp in amps:
         proc, log = procs[amp]
         reached, wall, code = ends[amp]
         lines = read_log(log)
-        label = f"synthetic main job, --amp {amp}" + (f": minutes to AP50 >= {target:.2f}" if target else "")
+        label = f"synthetic main job, --amp {amp}" + (f": minutes to AP50 >= {target:.2f}" if target else "") \
+            + ("" if serial else " (both jobs at once)")
         output = (work / f"job_{amp}.out").read_text(errors="replace")
         if reached is not None:
             report.add("jobs", label, "ok", f"{reached['elapsed_s'] / 60:.2f} min of training (epoch "
@@ -682,6 +694,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=420, help="seconds allowed to each subprocess")
     parser.add_argument("--job_cap", type=float, default=100,
                         help="seconds after which a synthetic job is stopped if AP50 >= 0.80 was not reached")
+    parser.add_argument("--serial_jobs", action="store_true",
+                        help="run the fp32 and bf16 synthetic jobs one after the other instead of at once (up to "
+                             "twice the time)")
     parser.add_argument("--job_workers", type=int, default=None,
                         help="--num_workers of the synthetic jobs (default 4; 0 with --smoke)")
     return parser
@@ -712,7 +727,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         runs = {"correctness": lambda: correctness(report, cfg, device),
                 "speed": lambda: speed(report, cfg, device, args.timeout, args.smoke,
                                        args.reference.resolve() if args.reference else None, work),
-                "jobs": lambda: jobs(report, cfg, device, args.timeout, args.job_cap, workers, args.smoke, work),
+                "jobs": lambda: jobs(report, cfg, device, args.timeout, args.job_cap, workers, args.smoke, work,
+                                     args.serial_jobs),
                 "torchrun": lambda: torchrun(report, cfg, device, args.timeout, args.smoke, work)}
         for section in SECTIONS:
             if section not in sections:

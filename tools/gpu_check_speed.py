@@ -10,10 +10,11 @@ run stopped by its timeout still reports what it measured.
 
 Rows: inference of the R50 hub model (``hubconf.detr_resnet50``, random weights, eval) at batch 1 and 8 in fp32
 (TF32 off), TF32, bf16 autocast and bf16 autocast + ``--compile`` (``util.compile.CompiledOrEager``, this repository
-only); a training step (forward, losses, backward, AdamW step; train mode, frozen batch norm) at ``train_batch``
-images in fp32 (TF32 off) and bf16 autocast. ``"model": "tiny"`` replaces R50 by a resnet18 / hidden 32 model
-(``--smoke``). Times are means over ``iters`` calls after ``warmup`` calls, synchronised; peak memory is
-``torch.cuda.max_memory_allocated`` from a reset before each row's first call (weights included).
+only; measured last, since compiling takes longest); a training step (forward, losses, backward, AdamW step; train
+mode, frozen batch norm) at ``train_batch`` images in fp32 (TF32 off) and bf16 autocast. ``"model": "tiny"``
+replaces R50 by a resnet18 / hidden 32 model (``--smoke``). Times are means over ``iters`` calls after ``warmup``
+calls, synchronised; peak memory is ``torch.cuda.max_memory_allocated`` from a reset before each row's first call
+(weights included).
 """
 import contextlib
 import json
@@ -31,27 +32,17 @@ def emit(row: dict) -> None:
 
 @contextlib.contextmanager
 def tf32(enabled: bool):
-    """TF32 for CUDA matmuls and cuDNN convolutions on or off (torch's fp32_precision API, else the legacy flags)."""
+    """TF32 for CUDA matmuls and cuDNN convolutions on or off. Through the legacy flags: torch (2.9+) refuses to read
+    them once its newer ``fp32_precision`` settings were used, and code that reads them (ours, torch's own, a
+    user's) keeps working this way; torch keeps the ``fp32_precision`` settings in step with them."""
     import torch
 
-    value = "tf32" if enabled else "ieee"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        knobs = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
-        before = [k.fp32_precision for k in knobs]
-        for k in knobs:
-            k.fp32_precision = value
-        try:
-            yield
-        finally:
-            for k, b in zip(knobs, before):
-                k.fp32_precision = b
-    else:
-        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def to_float(obj):
@@ -131,7 +122,8 @@ def parser_defaults(model: str):
     return args
 
 
-def inference_rows(spec: dict, device) -> None:
+def inference_rows(spec: dict, device, compiled_modes: bool = False) -> None:
+    """The inference rows of the eager modes or (``compiled_modes``) of the ``+compile`` ones."""
     import torch
 
     no_download()
@@ -150,7 +142,7 @@ def inference_rows(spec: dict, device) -> None:
     compiled = None
     for batch in spec["infer_batches"]:
         samples = images((h, w), batch, device)
-        for mode in spec["infer_modes"]:
+        for mode in [m for m in spec["infer_modes"] if m.endswith("+compile") == compiled_modes]:
             row = {"key": f"infer/{batch}/{mode}", "batch": batch, "mode": mode}
             net = model
             if mode.endswith("+compile"):
@@ -181,8 +173,6 @@ def inference_rows(spec: dict, device) -> None:
             if net is compiled:
                 result["note"] = f"first calls (compilation) {result['warmup_s']:.0f} s"
             emit({**row, **result, "status": "ok"})
-        del samples
-    del model, compiled
 
 
 def train_rows(spec: dict, device) -> None:
@@ -240,13 +230,15 @@ def main() -> None:
     device = torch.device(spec["device"])
     emit({"key": "device", "status": "ok", "torch": torch.__version__,
           "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
-    for part in (inference_rows, train_rows):
+    # compilation last: it takes the longest, and a timeout then leaves the other rows measured
+    parts = (("eager inference", inference_rows, {}), ("training", train_rows, {}),
+             ("compiled inference", inference_rows, {"compiled_modes": True}))
+    for name, part, kwargs in parts:
         try:
-            part(spec, device)
+            part(spec, device, **kwargs)
         except Exception as err:  # e.g. the checkout cannot be imported: say so, the caller marks its rows
             traceback.print_exc()
-            emit({"key": part.__name__, "status": "FAIL",
-                  "reason": f"{type(err).__name__}: {err}".splitlines()[0][:300]})
+            emit({"key": name, "status": "FAIL", "reason": f"{type(err).__name__}: {err}".splitlines()[0][:300]})
 
 
 if __name__ == "__main__":

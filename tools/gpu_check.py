@@ -13,7 +13,7 @@ sections FAILs (speed and job rows report; they do not gate); 0 otherwise.
 1. correctness (TF32 off): the hub models ``detr_resnet50`` and ``detr_resnet50_panoptic`` (random weights,
    ``pretrained=False``, built through hubconf, nothing downloaded) give the CPU's outputs within 1e-4 on CUDA; one
    training step of the R50 model (main.py's defaults, dropout 0 so that both devices compute the same function)
-   gives the CPU's losses within 1e-4 and gradients within 1e-3 relative (per parameter, max |diff| over max |grad|);
+   gives the CPU's losses within 1e-4 and gradients within 1e-3 relative (per parameter, max abs diff over max |grad|);
    ``--amp bf16`` and ``--amp fp16`` steps (fp16 with its GradScaler) are finite and within 2% of the fp32 loss; the
    fp16 scaler's state round-trips through a checkpoint written and read by ``util.checkpoint`` on CUDA.
 2. speed (``tools/gpu_check_speed.py``, in a process of its own per checkout): R50 inference at 800x1066, batch 1
@@ -299,7 +299,7 @@ def check_outputs(report: Report, cfg: dict, device, versus: str) -> None:
                 ref = model(images)
                 out = copy.deepcopy(model).to(device)(on(device, images))
             diff, where = max_abs_diff(ref, out)
-            report.check("correctness", row, diff <= 1e-4, f"max |diff| {diff:.1e} ({where}); tolerance 1e-4",
+            report.check("correctness", row, diff <= 1e-4, f"max abs diff {diff:.1e} ({where}); tolerance 1e-4",
                          "over 1e-4")
         except Exception as err:
             report.add("correctness", row, f"FAIL: {error_text(err)}")
@@ -346,7 +346,7 @@ def check_training(report: Report, cfg: dict, device, versus: str) -> None:
         diffs["total"] = abs(total.item() - ref_total.item())
         worst = max(diffs, key=lambda k: diffs[k] if diffs[k] == diffs[k] else float("inf"))
         report.check("correctness", row, all(d <= 1e-4 for d in diffs.values()),
-                     f"{len(diffs)} losses, max |diff| {diffs[worst]:.1e} ({worst}); total {ref_total.item():.4f}",
+                     f"{len(diffs)} losses, max abs diff {diffs[worst]:.1e} ({worst}); total {ref_total.item():.4f}",
                      "over 1e-4")
         rel = {}
         for n, g in ref_grads.items():
@@ -356,7 +356,7 @@ def check_training(report: Report, cfg: dict, device, versus: str) -> None:
         same_set = grads.keys() == ref_grads.keys()
         report.check("correctness", f"{name} training step (fp32): gradients, {versus}",
                      same_set and rel[worst] <= 1e-3,
-                     f"{len(rel)} parameters, max |diff| / max |grad| {rel[worst]:.1e} ({worst}); tolerance 1e-3",
+                     f"{len(rel)} parameters, max abs diff / max abs grad {rel[worst]:.1e} ({worst}); tolerance 1e-3",
                      "over 1e-3" if same_set else "not the same parameters have gradients")
     except Exception as err:
         report.add("correctness", row, f"FAIL: {error_text(err)}")
@@ -676,7 +676,7 @@ def torchrun(report: Report, cfg: dict, device, timeout: float, smoke: bool, wor
     stats = torch.load(out / "eval" / "eval.pth", weights_only=True)["stats"]
     diff = max(abs(a - b) for a, b in zip(stats, logged))
     report.check("torchrun", eval_label, diff <= 1e-3, f"{seconds:.0f} s; AP {stats[0]:.4f}, AP50 {stats[1]:.4f}; "
-                 f"max |diff| to the training log's 12 numbers {diff:.1e}", "not the AP the training logged")
+                 f"max abs diff to the training log's 12 numbers {diff:.1e}", "not the AP the training logged")
 
 
 # -- the command -----------------------------------------------------------------------------------------------

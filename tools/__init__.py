@@ -1,0 +1,1 @@
+"""Applications built on the packages (checks, benchmarks); run from the repository root as ``python -m tools.X``."""

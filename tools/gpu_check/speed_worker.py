@@ -1,6 +1,6 @@
 """The speed rows of ``tools.gpu_check``, measured in a process of their own for one DETR checkout.
 
-    python tools/gpu_check_speed.py '{"repo": "/path/to/detr", "device": "cuda", ...}'
+    python tools/gpu_check/speed_worker.py '{"repo": "/path/to/detr", "device": "cuda", ...}'
 
 ``tools.gpu_check`` runs this file once for this repository and, with ``--reference PATH``, once for a checkout of
 the original facebookresearch/detr: both have top-level packages named ``models`` and ``util``, so each is imported
@@ -224,7 +224,7 @@ def train_rows(spec: dict, device) -> None:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    sys.path.insert(0, spec["repo"])  # this process measures that checkout's models/ and util/
+    sys.path[0] = spec["repo"]  # that checkout's models/ and util/, in place of this file's folder (no shadowing)
     import torch
 
     device = torch.device(spec["device"])

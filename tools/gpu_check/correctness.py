@@ -12,20 +12,15 @@ import os
 import tempfile
 
 from tools.gpu_check.report import Report, error_text
-
-# tiny model flags for --smoke (every flag explicit, so the synthetic recipe applies to none of them)
-TINY_MODEL = dict(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=64,
-                  num_queries=10, dropout=0.0)
+# the speed worker's inputs and model arguments, so that both sections feed the models the same way
+from tools.gpu_check.speed_worker import normalised_images, parser_defaults, random_targets, tf32, weighted_loss
 
 
 def model_args(cfg: dict, **overrides):
-    """main.py's defaults (util.args: no pycocotools needed) for a model built outside main.py."""
-    from util.args import get_args_parser
-
-    args = get_args_parser().parse_args([])
-    args.device, args.backbone_weights, args.num_classes = "cpu", "none", 91
-    if cfg["model"] == "tiny":
-        overrides = {**TINY_MODEL, **overrides}
+    """main.py's defaults (util.args: no pycocotools needed), the tiny model's with --smoke, on the CPU, for a model
+    built outside main.py; dropout 0: its random masks differ between devices."""
+    args = parser_defaults(cfg["model"])
+    args.dropout = 0.0
     for k, v in overrides.items():
         setattr(args, k, v)
     return args
@@ -45,38 +40,6 @@ def hub_model(name: str, cfg: dict):
     masks = name.endswith("panoptic")  # the mask head's GroupNorm(8) needs hidden_dim % 128 == 0 and 8 heads
     args = model_args(cfg, masks=masks, aux_loss=False, **(dict(hidden_dim=128, nheads=8) if masks else {}))
     return build_model(args)[0]
-
-
-def normalised_images(shapes, seed: int = 0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    return [(torch.rand(3, *shape, generator=g) - mean) / std for shape in shapes]
-
-
-def targets_for(n_images: int, seed: int = 1, num_classes: int = 91):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n_images):
-        n = 3 + i
-        centers, wh = torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.3 + 0.05
-        out.append({"labels": torch.randint(1, num_classes, (n,), generator=g), "boxes": torch.cat([centers, wh], 1)})
-    return out
-
-
-def on(device, obj):
-    import torch
-
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: on(device, v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(on(device, v) for v in obj)
-    return obj
 
 
 def max_abs_diff(a: dict, b: dict) -> tuple[float, str]:
@@ -105,16 +68,12 @@ def check_outputs(report: Report, cfg: dict, device, versus: str) -> None:
             images = normalised_images(shapes)
             with torch.no_grad():
                 ref = model(images)
-                out = copy.deepcopy(model).to(device)(on(device, images))
+                out = copy.deepcopy(model).to(device)([image.to(device) for image in images])
             diff, where = max_abs_diff(ref, out)
             report.check("correctness", row, diff <= 1e-4, f"max abs diff {diff:.1e} ({where}); tolerance 1e-4",
                          "over 1e-4")
         except Exception as err:
             report.add("correctness", row, f"FAIL: {error_text(err)}")
-
-
-def weighted_loss(losses: dict, weight_dict: dict):
-    return sum(losses[k] * w for k, w in weight_dict.items() if k in losses)
 
 
 def loss_and_grads(model, criterion, images, targets, amp: str, device, scaler=None):
@@ -138,12 +97,13 @@ def check_training(report: Report, cfg: dict, device, versus: str) -> None:
 
     name = "R50" if cfg["model"] == "r50" else "tiny"
     torch.manual_seed(0)
-    # dropout 0: its random masks differ between devices; frozen batch norm: train mode is otherwise eval's function
-    model, criterion, _ = build_model(model_args(cfg, dropout=0.0))
+    # dropout 0 (model_args); frozen batch norm: train mode is otherwise eval's function
+    model, criterion, _ = build_model(model_args(cfg))
     model.train()
-    images, targets = normalised_images(cfg["check_shapes"]), targets_for(len(cfg["check_shapes"]))
+    counts = [3 + i for i in range(len(cfg["check_shapes"]))]  # boxes per image
+    images, targets = normalised_images(cfg["check_shapes"]), random_targets(counts)
     dev_model, dev_criterion = copy.deepcopy(model).to(device), copy.deepcopy(criterion).to(device)
-    dev_images, dev_targets = on(device, images), on(device, targets)
+    dev_images, dev_targets = [image.to(device) for image in images], random_targets(counts, device)  # the same
 
     row = f"{name} training step (fp32, aux losses): losses, {versus}"
     try:
@@ -258,8 +218,6 @@ def check_scaler_checkpoint(report: Report, fp16, criterion, images, targets, de
 
 
 def correctness(report: Report, cfg: dict, device) -> None:
-    from tools.gpu_check.speed_worker import tf32
-
     versus = f"{device.type} vs cpu" + (" (no GPU: the CPU against itself)" if device.type == "cpu" else "")
     with tf32(False):
         check_outputs(report, cfg, device, versus)

@@ -34,6 +34,8 @@ def synthetic_data(cfg: dict, work: Path, name: str, spec: Optional[dict]) -> tu
 
 
 def read_log(path: Path) -> list[dict]:
+    """The JSON lines of a running job's log.txt: none before it exists, and a line still being written is left
+    out (util.plot_utils.read_log, for finished logs, raises on it)."""
     if not path.is_file():
         return []
     lines = []

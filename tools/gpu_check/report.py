@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+from tools.gpu_check.speed_worker import error_text  # noqa: F401 (for the sections; defined where the worker has it)
+
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("correctness", "speed", "jobs", "torchrun")
 GATING = ("correctness", "torchrun")  # a FAIL here makes the exit status 1
@@ -53,10 +55,6 @@ def missing(*packages: str) -> Optional[str]:
         if importlib.util.find_spec(OPTIONAL_PACKAGES.get(name, name)) is None:
             return f"skipped: {name} missing"
     return None
-
-
-def error_text(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
 
 
 # -- subprocesses ----------------------------------------------------------------------------------------------

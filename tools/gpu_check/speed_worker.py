@@ -1,20 +1,19 @@
-"""The speed rows of ``tools.gpu_check``, measured in a process of their own for one DETR checkout.
+"""The speed rows of ``tools.gpu_check`` (``speed.py``), measured in a process of their own for one DETR checkout.
 
     python tools/gpu_check/speed_worker.py '{"repo": "/path/to/detr", "device": "cuda", ...}'
 
-``tools.gpu_check`` runs this file once for this repository and, with ``--reference PATH``, once for a checkout of
-the original facebookresearch/detr: both have top-level packages named ``models`` and ``util``, so each is imported
-in a fresh process with only its own root on ``sys.path`` (this file imports nothing but the standard library and
-torch before that). Each measured row is printed as one line ``GPU_CHECK_ROW {json}`` as soon as it is done, so a
-run stopped by its timeout still reports what it measured.
+Run once for this repository and, with ``--reference PATH``, once for a checkout of the original
+facebookresearch/detr: both have top-level packages ``models`` and ``util``, so each is imported in a fresh process
+with only its own root on ``sys.path`` (this file imports nothing of ours, and nothing but the standard library and
+torch before that). Each row is printed as one line ``GPU_CHECK_ROW {json}`` as soon as it is measured, so a run
+stopped by its timeout still reports what it measured. ``correctness.py`` takes its inputs from here too.
 
-Rows: inference of the R50 hub model (``hubconf.detr_resnet50``, random weights, eval) at batch 1 and 8 in fp32
-(TF32 off), TF32, bf16 autocast and bf16 autocast + ``--compile`` (``util.compile.CompiledOrEager``, this repository
-only; measured last, since compiling takes longest); a training step (forward, losses, backward, AdamW step; train
-mode, frozen batch norm) at ``train_batch`` images in fp32 (TF32 off) and bf16 autocast. ``"model": "tiny"``
-replaces R50 by a resnet18 / hidden 32 model (``--smoke``). Times are means over ``iters`` calls after ``warmup``
-calls, synchronised; peak memory is ``torch.cuda.max_memory_allocated`` from a reset before each row's first call
-(weights included).
+Rows: inference of the R50 hub model (``hubconf.detr_resnet50``, random weights, eval) in fp32 (TF32 off), TF32,
+bf16 autocast and bf16 autocast + ``--compile`` (``util.compile.CompiledOrEager``, this repository only; measured
+last, since compiling takes longest); a training step (forward, losses, backward, AdamW step; train mode, frozen
+batch norm) in fp32 (TF32 off) and bf16 autocast. ``"model": "tiny"``: a resnet18 / hidden 32 model (``--smoke``).
+Times are means over ``iters`` calls after ``warmup`` calls, synchronised; peak memory is
+``torch.cuda.max_memory_allocated`` from a reset before each row's first call (weights included).
 """
 import contextlib
 import json
@@ -28,6 +27,10 @@ TINY = dict(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_laye
 
 def emit(row: dict) -> None:
     print("GPU_CHECK_ROW " + json.dumps(row), flush=True)
+
+
+def error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
 
 
 @contextlib.contextmanager
@@ -45,21 +48,18 @@ def tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def to_float(obj):
-    """fp32 copies of the floating tensors of a nested output: losses run in fp32 (what util.amp.to_float does)."""
-    import torch
-
-    if torch.is_tensor(obj):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: to_float(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_float(v) for v in obj)
-    return obj
+def to_float(outputs: dict) -> dict:
+    """The model's output dict (tensors, and ``aux_outputs``: a list of such dicts) in fp32: losses run in fp32.
+    util.amp.to_float in our checkout; the original has none, and this file measures it without ours on the path."""
+    out = {k: v.float() for k, v in outputs.items() if k != "aux_outputs"}
+    if "aux_outputs" in outputs:
+        out["aux_outputs"] = [to_float(aux) for aux in outputs["aux_outputs"]]
+    return out
 
 
 def measure(fn, batch: int, device, warmup: int, iters: int) -> dict:
-    """images/s, ms/image and peak memory of ``fn`` (one batch of ``batch`` images per call)."""
+    """images/s, ms/image and peak memory of ``fn`` (one batch of ``batch`` images per call). Its own timer, not
+    util.benchmark's: that is ours, absent from the original's checkout, and takes the best call, not the mean."""
     import torch
 
     cuda = device.type == "cuda"
@@ -86,16 +86,39 @@ def measure(fn, batch: int, device, warmup: int, iters: int) -> dict:
             "warmup_s": first_s}
 
 
-def images(shape, batch: int, device):
-    """A NestedTensor of ``batch`` ImageNet-normalised random images, built by the measured repository's own
-    ``util.misc.nested_tensor_from_tensor_list`` (a public name of both)."""
+def normalised_images(shapes, seed: int = 0) -> list:
+    """ImageNet-normalised random images, one [3, h, w] tensor per (h, w) in ``shapes``."""
     import torch
+
+    g = torch.Generator().manual_seed(seed)
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    return [(torch.rand(3, *shape, generator=g) - mean) / std for shape in shapes]
+
+
+def random_targets(counts: list[int], device="cpu", seed: int = 1, num_classes: int = 91) -> list[dict]:
+    """Targets of ``len(counts)`` images: ``counts[i]`` labels in [1, num_classes) and boxes (cx, cy, w, h),
+    normalised, inside the image."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in counts:
+        centers, wh = torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.3 + 0.05
+        out.append({"labels": torch.randint(1, num_classes, (n,), generator=g).to(device),
+                    "boxes": torch.cat([centers, wh], 1).to(device)})
+    return out
+
+
+def weighted_loss(losses: dict, weight_dict: dict):
+    return sum(losses[k] * w for k, w in weight_dict.items() if k in losses)
+
+
+def images(shape, batch: int, device):
+    """A NestedTensor of ``batch`` random images, built by the measured repository's own
+    ``util.misc.nested_tensor_from_tensor_list`` (a public name of both)."""
     from util.misc import nested_tensor_from_tensor_list
 
-    g = torch.Generator().manual_seed(0)
-    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    return nested_tensor_from_tensor_list([(torch.rand(3, *shape, generator=g) - mean) / std
-                                           for _ in range(batch)]).to(device)
+    return nested_tensor_from_tensor_list(normalised_images([shape] * batch)).to(device)
 
 
 def no_download():
@@ -115,7 +138,7 @@ def parser_defaults(model: str):
     except ImportError:
         from main import get_args_parser
     args = get_args_parser().parse_args([])
-    args.backbone_weights, args.num_classes = "none", 91
+    args.device, args.backbone_weights, args.num_classes = "cpu", "none", 91
     if model == "tiny":
         for k, v in TINY.items():
             setattr(args, k, v)
@@ -130,9 +153,7 @@ def inference_rows(spec: dict, device, compiled_modes: bool = False) -> None:
     if spec["model"] == "tiny":
         from models import build_model
 
-        args = parser_defaults("tiny")
-        args.device = "cpu"
-        model = build_model(args)[0]
+        model = build_model(parser_defaults("tiny"))[0]
     else:
         import hubconf
 
@@ -155,8 +176,7 @@ def inference_rows(spec: dict, device, compiled_modes: bool = False) -> None:
                     # one graph per batch size (dynamic=False): the fastest code for each measured shape
                     compiled = CompiledOrEager(model, dynamic=False, backend=spec.get("compile_backend", "inductor"))
                 net = compiled
-            amp = mode.split("+")[0] if mode.startswith(("bf16", "fp16")) else None
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode.split("+")[0])  # None: fp32, tf32
 
             def call():
                 with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -165,7 +185,7 @@ def inference_rows(spec: dict, device, compiled_modes: bool = False) -> None:
                 with tf32(mode == "tf32"):
                     result = measure(call, batch, device, spec["warmup"], spec["iters"])
             except Exception as err:  # OOM, an op without a kernel ...: this row fails, the others still run
-                emit(dict(row, status="FAIL", reason=f"{type(err).__name__}: {err}".splitlines()[0][:300]))
+                emit(dict(row, status="FAIL", reason=error_text(err)))
                 continue
             if net is compiled and compiled.failed:
                 emit({**row, **result, "status": "FAIL", "reason": "torch.compile failed; eager fallback measured"})
@@ -196,12 +216,7 @@ def train_rows(spec: dict, device) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
     batch = spec["train_batch"]
     samples = images(spec["train_shape"], batch, device)
-    g = torch.Generator().manual_seed(1)
-    targets = []
-    for _ in range(batch):
-        centers, sizes = torch.rand(5, 2, generator=g) * 0.5 + 0.25, torch.rand(5, 2, generator=g) * 0.3 + 0.05
-        targets.append({"labels": torch.randint(1, 91, (5,), generator=g).to(device),
-                        "boxes": torch.cat([centers, sizes], 1).to(device)})
+    targets = random_targets([5] * batch, device)
     for mode in spec["train_modes"]:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
 
@@ -209,7 +224,7 @@ def train_rows(spec: dict, device) -> None:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 outputs = model(samples)
             losses = criterion(to_float(outputs), targets)
-            loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+            loss = weighted_loss(losses, criterion.weight_dict)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
@@ -219,7 +234,7 @@ def train_rows(spec: dict, device) -> None:
             with tf32(False):
                 emit({**row, **measure(step, batch, device, spec["warmup"], spec["iters"]), "status": "ok"})
         except Exception as err:
-            emit(dict(row, status="FAIL", reason=f"{type(err).__name__}: {err}".splitlines()[0][:300]))
+            emit(dict(row, status="FAIL", reason=error_text(err)))
 
 
 def main() -> None:
@@ -238,7 +253,7 @@ def main() -> None:
             part(spec, device, **kwargs)
         except Exception as err:  # e.g. the checkout cannot be imported: say so, the caller marks its rows
             traceback.print_exc()
-            emit({"key": name, "status": "FAIL", "reason": f"{type(err).__name__}: {err}".splitlines()[0][:300]})
+            emit({"key": name, "status": "FAIL", "reason": error_text(err)})
 
 
 if __name__ == "__main__":

@@ -36,22 +36,17 @@ from typing import Any, Optional, Union
 import torch.distributed as dist
 
 from util.dist import all_gather, get_rank, get_world_size, is_dist_avail_and_initialized
+from util.panoptic import import_panopticapi
 
 logger = logging.getLogger(__name__)
 
 GROUPS = (("All", None), ("Things", True), ("Stuff", False))
 IMAGES_PER_PROCESS = 250  # below this many images per process, a pool costs more than it saves
 MAX_PROCESSES = 8
-INSTALL_HINT = "pip install --no-deps panopticapi-lite==0.2.0"
 
 
 def _import_panopticapi():
-    try:
-        import panopticapi.evaluation
-    except ImportError as e:
-        raise ImportError(f"PQ evaluation needs panopticapi: `{INSTALL_HINT}` (its numpy<2 pin and extra "
-                          f"dependencies are not needed by the evaluation code)") from e
-    return panopticapi.evaluation
+    return import_panopticapi("evaluation", "PQ evaluation")
 
 
 def require_panopticapi() -> None:

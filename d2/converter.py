@@ -26,7 +26,6 @@ What changes (pure torch; Detectron2 is not needed to convert):
   (COCO: 91 ids + no-object = 92 rows, of which 80 are used; panoptic: 250 + 1 rows, of which 133 are used).
 """
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -38,6 +37,7 @@ if not __package__:  # run as a file (cd d2 && python converter.py ..., as the o
 import torch  # noqa: E402
 
 from d2.flags import NOT_BUILT  # noqa: E402
+from datasets.coco import load_json  # noqa: E402
 from datasets.coco_categories import COCO_CATEGORY_NAMES, COCO_PANOPTIC_CATEGORY_NAMES  # noqa: E402
 from util.args import get_args_parser as main_py_args_parser  # noqa: E402
 from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -132,8 +132,7 @@ def resolve_categories(spec: str, num_rows: int) -> Optional[list[int]]:
 def _ids_from_json(path: Path) -> list[int]:
     if not path.is_file():
         raise FileNotFoundError(f"--categories: {path} not found")
-    with open(path) as f:
-        data = json.load(f)
+    data = load_json(path)
     cats = data.get("categories") if isinstance(data, dict) else None
     if not cats or not all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in cats):
         raise ConversionError(f"--categories {path}: expected a COCO-format file with a 'categories' list of "

@@ -46,6 +46,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from d2.detr import DetrDatasetMapper, add_detr_config  # noqa: E402
 from d2.detr.detr import load_frozen_weights  # noqa: E402
+from datasets.coco import load_json  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +134,7 @@ def register_datasets(args) -> None:
 def panoptic_metadata(panoptic_json: str) -> dict:
     """Detectron2's metadata of a COCO panoptic file: contiguous ids by increasing category id, things and stuff
     in one id space (as Detectron2's builtin COCO panoptic metadata)."""
-    with open(panoptic_json) as f:
-        categories = json.load(f).get("categories")
+    categories = load_json(panoptic_json).get("categories")
     if not categories or not all("id" in c and "isthing" in c and "name" in c for c in categories):
         raise ValueError(f"{panoptic_json}: expected a COCO panoptic file with 'categories' holding id, name and "
                          f"isthing")

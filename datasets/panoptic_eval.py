@@ -38,6 +38,8 @@ import torch.distributed as dist
 from util.dist import all_gather, get_rank, get_world_size, is_dist_avail_and_initialized
 from util.panoptic import import_panopticapi
 
+from .coco import load_json
+
 logger = logging.getLogger(__name__)
 
 GROUPS = (("All", None), ("Things", True), ("Stuff", False))
@@ -65,11 +67,6 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy / torch scalars in segments_info
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _load_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 class PanopticEvaluator:
@@ -187,7 +184,7 @@ class PanopticEvaluator:
 
     def _ground_truth_for_predictions(self) -> Path:
         """The ground-truth JSON restricted to the predicted images (the file itself when they are all there)."""
-        gt = _load_json(self.gt_json)
+        gt = load_json(self.gt_json)
         gt_ids = {ann["image_id"] for ann in gt["annotations"]}
         predicted = {entry["image_id"] for entry in self.predictions}
         unknown = predicted - gt_ids
@@ -217,7 +214,7 @@ def compute_pq(gt_json_file: Union[str, Path], pred_json_file: Union[str, Path],
     `panopticapi.evaluation.pq_compute(gt_json_file, pred_json_file, gt_folder, pred_folder)` (up to the order
     of float sums), quietly. Every annotated image of `gt_json_file` needs a prediction."""
     evaluation = _import_panopticapi()
-    gt, pred = _load_json(gt_json_file), _load_json(pred_json_file)
+    gt, pred = load_json(gt_json_file), load_json(pred_json_file)
     categories = {c["id"]: c for c in gt["categories"]}
     predictions = {ann["image_id"]: ann for ann in pred["annotations"]}
     missing = [ann["image_id"] for ann in gt["annotations"] if ann["image_id"] not in predictions]

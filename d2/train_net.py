@@ -47,6 +47,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from d2.detr import DetrDatasetMapper, add_detr_config  # noqa: E402
 from d2.detr.detr import load_frozen_weights  # noqa: E402
 from datasets.coco import load_json  # noqa: E402
+from util.checkpoint import atomic_write  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +164,8 @@ def setup(args) -> CfgNode:
 def write_results(cfg: CfgNode, results: dict) -> None:
     """OUTPUT_DIR/eval_results.json: the evaluators' numbers (Detectron2's AP in percent), written atomically."""
     path = os.path.join(cfg.OUTPUT_DIR, "eval_results.json")
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(results, f, indent=1)
-    os.replace(tmp, path)
     logger.info("Evaluation results written to %s", path)
 
 

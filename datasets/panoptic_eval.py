@@ -29,12 +29,12 @@ import logging
 import math
 import multiprocessing
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch.distributed as dist
 
+from util.checkpoint import atomic_write
 from util.dist import all_gather, get_rank, get_world_size, is_dist_avail_and_initialized
 from util.panoptic import import_panopticapi
 
@@ -54,13 +54,6 @@ def _import_panopticapi():
 def require_panopticapi() -> None:
     """Raise ImportError, with how to install it, when panopticapi is missing (e.g. before a training starts)."""
     _import_panopticapi()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file, so a partial file never has the final name."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _json_default(value: Any) -> Any:
@@ -108,7 +101,8 @@ class PanopticEvaluator:
             # with several processes a padded duplicate may be written by another process too: rank-tagged
             # names until rank 0 has chosen which copy counts (see synchronize_between_processes)
             name = final_name if world_size == 1 else f"{Path(final_name).stem}.rank{rank}.png"
-            _write_atomic(self.output_dir / name, p["png_string"])
+            with atomic_write(str(self.output_dir / name), durable=False) as f:  # one per image: no fsync
+                f.write(p["png_string"])
             self._final_names[image_id] = final_name
             self.predictions.append({"image_id": image_id, "file_name": name,
                                      "segments_info": [dict(s) for s in p["segments_info"]]})
@@ -174,8 +168,8 @@ class PanopticEvaluator:
             raise ValueError("PanopticEvaluator: no predictions to evaluate (update() was never given any)")
         self._finalize_files()
         predictions_json = self.output_dir / "predictions.json"
-        _write_atomic(predictions_json, json.dumps({"annotations": self.predictions},
-                                                   default=_json_default).encode())
+        with atomic_write(str(predictions_json), "w") as f:
+            json.dump({"annotations": self.predictions}, f, default=_json_default)
         gt_json = self._ground_truth_for_predictions()
         result = compute_pq(gt_json, predictions_json, self.gt_folder, self.output_dir, self.num_processes)
         logger.info("Panoptic quality over %d images (%s):\n%s", len(self.predictions), self.gt_json,
@@ -197,7 +191,8 @@ class PanopticEvaluator:
         subset = dict(gt, images=[img for img in gt["images"] if img["id"] in predicted],
                       annotations=[ann for ann in gt["annotations"] if ann["image_id"] in predicted])
         path = self.output_dir / "ground_truth_subset.json"
-        _write_atomic(path, json.dumps(subset).encode())
+        with atomic_write(str(path), "w") as f:
+            json.dump(subset, f)
         return path
 
 

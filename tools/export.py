@@ -1,8 +1,8 @@
 """Export a DETR for deployment: ONNX, torch.export (.pt2) or TorchScript, with dynamic batch and image size.
 
-    python -m util.export --resume runs/synthetic/checkpoint.pth --format onnx --output detr.onnx --check
-    python -m util.export --hub detr_resnet50 --format export --output detr_r50.pt2
-    python -m util.export --resume checkpoint.pth --format torchscript --output detr.ts
+    python -m tools.export --resume runs/synthetic/checkpoint.pth --format onnx --output detr.onnx --check
+    python -m tools.export --hub detr_resnet50 --format export --output detr_r50.pt2
+    python -m tools.export --resume checkpoint.pth --format torchscript --output detr.ts
 
 Every format has one signature, padding mask included so that a batch of images of different sizes runs as in
 evaluation:
@@ -14,7 +14,7 @@ evaluation:
     outputs: logits [B, num_queries, num_classes + 1] (the last class is "no object")
              boxes  [B, num_queries, 4] (cx, cy, w, h) normalised by each image's unpadded size
 
-(``util.predict`` does the same pre- and post-processing: softmax over the classes, drop the last, scale the boxes.)
+(``tools.inference`` does the same pre- and post-processing: softmax over the classes, drop the last, scale the boxes.)
 Only the box model is exported; the mask head of a segmentation model is not.
 
 ``--check`` runs the exported model (ONNX through onnxruntime) on two image sizes and a padded batch of two sizes,
@@ -224,7 +224,7 @@ def compare(model: nn.Module, runner, cases: Optional[List[Tuple[Tensor, Tensor]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("python -m util.export", description=__doc__,
+    parser = argparse.ArgumentParser("python -m tools.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--resume", help="checkpoint to export (path or URL; this repository's or the original's)")
@@ -241,8 +241,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
+    from tools.inference import Predictor
     from util.logger import setup_logging
-    from util.predict import Predictor
 
     setup_logging()
     args = get_args_parser().parse_args(argv)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from models.segmentation import DETRsegm
+from util.checkpoint import atomic_write
 from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 logger = logging.getLogger(__name__)
@@ -138,15 +139,8 @@ def export_onnx(model: nn.Module, path: str, opset: Optional[int] = None) -> Non
         onnx_program = torch.onnx.export(program, example_inputs(), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
                                          dynamic_shapes=dynamic_shapes(), opset_version=opset, dynamo=True,
                                          external_data=False, verbose=False)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:  # onnx writes by name: a temporary file beside the target, renamed when complete
-        onnx_program.save(tmp, external_data=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:  # onnx writes by name: into atomic_write's temporary file, renamed when complete
+        onnx_program.save(f.name, external_data=False)
 
 
 def export_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
@@ -160,8 +154,6 @@ def export_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
 def export(model: nn.Module, fmt: str, path: str, opset: Optional[int] = None) -> None:
     """Write ``model`` in format ``fmt`` ('onnx', 'export' (a torch.export .pt2 archive) or 'torchscript') to
     ``path`` (a complete file or none)."""
-    from util.checkpoint import atomic_write
-
     model = model.eval()
     if fmt == "onnx":
         export_onnx(model, path, opset)

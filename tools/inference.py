@@ -31,11 +31,12 @@ from models.detr import PostProcess
 from models.segmentation import DETRsegm, PostProcessPanoptic, PostProcessSegm, rgb2id
 from models.transformer import capture_attention
 from tools.images import ImageInput, ImageList, describe, expand_inputs
+from util.amp import AMP_DTYPES, autocast
 from util.nested_tensor import nested_tensor_from_tensor_list
 
 logger = logging.getLogger(__name__)
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = ("off", *AMP_DTYPES)
 CategoryNames = Union[None, str, Dict[int, str]]
 
 
@@ -145,8 +146,8 @@ class Predictor:
     def __init__(self, model: nn.Module, category_names: CategoryNames = None,
                  thing_ids: Optional[Iterable[int]] = None, val_size: int = 800, max_size: int = 1333,
                  device: Union[str, torch.device, None] = None, amp: str = "off", panoptic_threshold: float = 0.85):
-        if amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        if amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {list(AMP_CHOICES)}, got {amp!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -239,12 +240,6 @@ class Predictor:
             return [str(int(label)) for label in labels]
         return [self.category_names.get(int(label), str(int(label))) for label in labels]
 
-    def _autocast(self):
-        dtype = AMP_DTYPES[self.amp]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def iter_predict(self, images: Union[ImageInput, Sequence[ImageInput]], score_threshold: Optional[float] = 0.7,
                      batch_size: int = 1, attention: bool = False, num_workers: int = 0,
                      skipped: Optional[list] = None, progress: bool = False) -> Iterator[Prediction]:
@@ -296,7 +291,7 @@ class Predictor:
             if attention:  # the padding mask of the feature map, to cut each image's maps out of the batch's
                 hook = transformer.register_forward_pre_hook(lambda m, a: feature_mask.append(a[1].cpu()))
                 stack.callback(hook.remove)
-            with self._autocast():
+            with autocast(self.device, self.amp):
                 outputs = self.model(samples)
         outputs = {k: v.float() for k, v in outputs.items() if isinstance(v, Tensor)}
 

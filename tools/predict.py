@@ -34,7 +34,8 @@ import torch
 
 from datasets.coco_eval import prepare_for_coco_detection, prepare_for_coco_segmentation
 from tools.images import ImageError, describe, expand_inputs
-from tools.inference import AMP_DTYPES, Prediction, Predictor
+from tools.inference import AMP_CHOICES, Prediction, Predictor
+from util.checkpoint import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +78,11 @@ def coco_results(prediction: Prediction, image_id: int) -> Dict[str, List[dict]]
 
 
 def write_json(path: Path, data: Any) -> None:
-    from util.checkpoint import atomic_write
-
     with atomic_write(str(path), "w") as f:
         json.dump(data, f)
 
 
 def write_png(path: Path, data: bytes) -> None:
-    from util.checkpoint import atomic_write
-
     with atomic_write(str(path), "wb") as f:
         f.write(data)
 
@@ -114,7 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", default=1, type=int,
                         help="images per forward pass (padded to a common size, as in evaluation)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", default="off", choices=sorted(AMP_DTYPES),
+    parser.add_argument("--amp", default="off", choices=AMP_CHOICES,
                         help="mixed precision of the forward pass (torch.autocast)")
     parser.add_argument("--val_size", default=None, type=int, help="short side after resizing (default: the model's)")
     parser.add_argument("--max_size", default=None, type=int, help="long side at most (default: the model's)")

@@ -216,12 +216,11 @@ def compare(model: nn.Module, runner, cases: Optional[List[Tuple[Tensor, Tensor]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from tools.inference import add_model_arguments
+
     parser = argparse.ArgumentParser("python -m tools.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--resume", help="checkpoint to export (path or URL; this repository's or the original's)")
-    source.add_argument("--hub", help="published model by hub name (detr_resnet50, ...), from the torch hub cache "
-                                      "or downloaded")
+    add_model_arguments(parser, "export")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="onnx, export (torch.export .pt2 archive) or torchscript")
     parser.add_argument("--output", required=True, help="file to write")

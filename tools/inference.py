@@ -12,6 +12,7 @@ Images are read as the evaluation reads them (``tools.images``) and resized as e
 ``val_size``, long side at most ``max_size``: the checkpoint's values, 800 / 1333 for the published models).
 Unreadable files are skipped, named, and the rest goes on.
 """
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -330,6 +331,15 @@ class Predictor:
                else range(outputs["pred_logits"].shape[-1] - 1))
         things = set(self.thing_ids or [])
         return {int(i): int(i) in things for i in ids}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, action: str) -> None:
+    """The model of a command, one of them required: ``--resume`` (for ``Predictor.from_checkpoint``) or ``--hub``
+    (for ``Predictor.from_hub``); ``action`` says what the command does with it ('run', 'export')."""
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--resume", help=f"checkpoint to {action} (path or URL; this repository's or the original's)")
+    model.add_argument("--hub", help="published model by hub name (detr_resnet50, detr_resnet50_panoptic, ...), "
+                                     "from the torch hub cache or downloaded")
 
 
 def predict(model: nn.Module, images: Union[ImageInput, Sequence[ImageInput]], score_threshold: float = 0.7,

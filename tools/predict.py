@@ -34,7 +34,7 @@ import torch
 
 from datasets.coco_eval import prepare_for_coco_detection, prepare_for_coco_segmentation
 from tools.images import ImageError, describe, expand_inputs
-from tools.inference import AMP_CHOICES, Prediction, Predictor
+from tools.inference import AMP_CHOICES, Prediction, Predictor, add_model_arguments
 from util.checkpoint import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,7 @@ def write_png(path: Path, data: bytes) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("python -m tools.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--resume", help="checkpoint to run (path or URL; this repository's or the original's)")
-    model.add_argument("--hub", help="published model by hub name (detr_resnet50, detr_resnet50_panoptic, ...), "
-                                     "from the torch hub cache or downloaded")
+    add_model_arguments(parser, "run")
     parser.add_argument("--images", nargs="+", required=True, help="image files and folders (their image files)")
     parser.add_argument("--output_dir", required=True, help="where the PNGs and JSON files go")
     parser.add_argument("--threshold", default=0.7, type=float,

@@ -59,7 +59,7 @@ def to_float(outputs: dict) -> dict:
 
 def measure(fn, batch: int, device, warmup: int, iters: int) -> dict:
     """images/s, ms/image and peak memory of ``fn`` (one batch of ``batch`` images per call). Its own timer, not
-    util.benchmark's: that is ours, absent from the original's checkout, and takes the best call, not the mean."""
+    tools.benchmarks.cpu's: that is ours, absent from the original's checkout, and takes the best call, not the mean."""
     import torch
 
     cuda = device.type == "cuda"

@@ -7,14 +7,10 @@ models and trained models can never drift apart. ``pretrained=True`` goes throug
 ``torch.hub.load_state_dict_from_url``: a file already in ``$TORCH_HOME/hub/checkpoints/`` is used offline.
 """
 from models import build_model
-from models.segmentation import PostProcessPanoptic
-from util.args import KNOWN_THING_IDS, get_args_parser
+from util.args import get_args_parser
 from util.checkpoint import load_checkpoint, load_model_state
 
 dependencies = ["torch", "torchvision"]
-
-# COCO panoptic: category ids up to 90 are things, the rest (92..200) stuff, as the published models were trained
-COCO_PANOPTIC_THING_IDS = KNOWN_THING_IDS["coco_panoptic"]
 
 _URLS = {
     "detr_resnet50": "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
@@ -27,22 +23,25 @@ _URLS = {
 }
 
 
-def _hub_args(backbone: str, dilation: bool, num_classes: int, mask: bool):
+def _hub_args(backbone: str, dilation: bool, num_classes: int, mask: bool, threshold: float = 0.85):
     args = get_args_parser().parse_args([])
     args.backbone = backbone
     args.dilation = dilation
     args.num_classes = num_classes
     args.masks = mask
     args.aux_loss = False  # the original hub models return no aux_outputs
+    # coco_panoptic: build_model takes its thing ids from util.args.KNOWN_THING_IDS (ids up to 90, as the
+    # published models were trained) for the panoptic post-processor
     args.dataset_file = "coco_panoptic" if mask else "coco"
-    args.thing_ids = COCO_PANOPTIC_THING_IDS if mask else None
+    args.panoptic_threshold = threshold
     args.device = "cpu"
     args.backbone_weights = "none"  # the hub checkpoint holds the backbone; never download ImageNet weights
     return args
 
 
-def _make_detr(name: str, backbone: str, dilation: bool, num_classes: int, pretrained: bool, mask: bool = False):
-    model, _, postprocessors = build_model(_hub_args(backbone, dilation, num_classes, mask))
+def _make_detr(name: str, backbone: str, dilation: bool, num_classes: int, pretrained: bool, mask: bool = False,
+               threshold: float = 0.85):
+    model, _, postprocessors = build_model(_hub_args(backbone, dilation, num_classes, mask, threshold))
     if pretrained:
         # through the hub cache; reads the published Namespace args. Offline, the error says where to put the file
         # (torch.hub.load cannot take a local path instead)
@@ -77,11 +76,8 @@ def detr_resnet101_dc5(pretrained=False, num_classes=91, return_postprocessor=Fa
 
 
 def _panoptic(name, backbone, dilation, pretrained, num_classes, threshold, return_postprocessor):
-    model, _ = _make_detr(name, backbone, dilation, num_classes, pretrained, mask=True)
-    if not return_postprocessor:
-        return model
-    is_thing_map = {i: i in COCO_PANOPTIC_THING_IDS for i in range(num_classes + 1)}
-    return model, PostProcessPanoptic(is_thing_map, threshold=threshold)
+    model, post = _make_detr(name, backbone, dilation, num_classes, pretrained, mask=True, threshold=threshold)
+    return (model, post["panoptic"]) if return_postprocessor else model
 
 
 def detr_resnet50_panoptic(pretrained=False, num_classes=250, threshold=0.85, return_postprocessor=False):

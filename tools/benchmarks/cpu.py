@@ -234,8 +234,9 @@ def data_loading(table: Table, quick: bool) -> None:
     import tempfile
 
     from datasets import build_dataset
+    from datasets.recipes import SYNTHETIC_RECIPE
     from datasets.synthetic import generate
-    from util.args import SYNTHETIC_RECIPE, get_args_parser
+    from util.args import get_args_parser
     from util.nested_tensor import collate_fn
 
     table.section("Data loading, synthetic training set (JPEG decode + DETR transforms + collate), main process")

@@ -3,7 +3,7 @@
     python -m tools.benchmarks.predict                            # 100 synthetic images, synthetic-recipe model
     python -m tools.benchmarks.predict --resume runs/synthetic/checkpoint.pth --num_images 100 --repeats 3
 
-Without --resume the model is the synthetic recipe's (``util.args.SYNTHETIC_RECIPE``) with random weights: the
+Without --resume the model is the synthetic recipe's (``datasets.recipes.SYNTHETIC_RECIPE``) with random weights: the
 same computation as a trained one, except for how many detections pass the threshold (and so get drawn).
 Each repeat times every variant once, in turn, so that a busy machine slows all of them alike; the table gives the
 median images/s of each and its ratio to the bare ``model(...)`` loop.
@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 def synthetic_checkpoint(path: Path) -> Path:
     """A random-weight checkpoint of the synthetic recipe's model (as main.py would write it)."""
+    from datasets.recipes import apply_dataset_recipe
     from models import build_model
-    from util.args import apply_dataset_recipe, get_args_parser
+    from util.args import get_args_parser
 
     args = get_args_parser().parse_args(["--dataset_file", "synthetic"])
     apply_dataset_recipe(args)

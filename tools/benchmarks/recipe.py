@@ -4,7 +4,7 @@
     python -m tools.benchmarks.recipe --flop_batches 8 --timed_steps 4 --repeats 1     # quicker
 
 For each recipe (``RECIPES``: the synthetic recipe before the speed work, the intermediate one, today's
-``util.args.SYNTHETIC_RECIPE``) it builds the model and criterion as ``main.py`` does and, on the same training
+``datasets.recipes.SYNTHETIC_RECIPE``) it builds the model and criterion as ``main.py`` does and, on the same training
 batches (same shuffling seed, so the same padded sizes), counts forward + backward FLOPs with
 ``torch.utils.flop_counter.FlopCounterMode`` and times optimizer-free training steps (forward, loss, backward).
 The whole run's training compute is FLOPs per iteration x iterations (epochs x batches per epoch). Timed steps
@@ -31,11 +31,12 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 
 def build(overrides: Dict[str, Any], coco_path: Optional[str] = None):
     """(args, model, criterion) of the synthetic recipe with ``overrides``."""
+    from datasets.recipes import SYNTHETIC_RECIPE
     from models import build_model
-    from util import args as arguments
+    from util.args import get_args_parser
 
-    args = arguments.get_args_parser().parse_args(["--dataset_file", "synthetic"])
-    recipe = copy.deepcopy(arguments.SYNTHETIC_RECIPE)
+    args = get_args_parser().parse_args(["--dataset_file", "synthetic"])
+    recipe = copy.deepcopy(SYNTHETIC_RECIPE)
     recipe.update(overrides)
     for name, value in recipe.items():
         setattr(args, name, value)

@@ -151,6 +151,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="torch.distributed backend: auto (NCCL when training on CUDA, else gloo), nccl or gloo")
     parser.add_argument("--dist_timeout", default=30.0, type=float,
                         help="minutes after which a collective that some rank never joins fails (instead of hanging)")
+
+    # custom datasets
+    parser.add_argument("--train_json", type=str, default=None,
+                        help="training annotation file, COCO format, any path (--dataset_file coco); overrides "
+                             "<coco_path>/annotations/instances_train2017.json")
+    parser.add_argument("--train_images", type=str, default=None,
+                        help="folder of the training images, the JSON's file_names being relative to it "
+                             "(--dataset_file coco); overrides <coco_path>/train2017")
+    parser.add_argument("--val_json", type=str, default=None,
+                        help="validation annotation file, COCO format, any path (--dataset_file coco); overrides "
+                             "<coco_path>/annotations/instances_val2017.json. With --eval, only --val_json and "
+                             "--val_images are needed (e.g. --eval --resume CKPT --val_json X --val_images Y)")
+    parser.add_argument("--val_images", type=str, default=None,
+                        help="folder of the validation images, the JSON's file_names being relative to it "
+                             "(--dataset_file coco); overrides <coco_path>/val2017")
     return parser
 
 

@@ -18,6 +18,7 @@ SUPPORTED = "coco, coco_panoptic, synthetic or synthetic_panoptic"
 
 
 def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
+    check_split_flags(args)
     if args.dataset_file == "coco":
         return coco.build(image_set, args)
     if args.dataset_file == "synthetic":
@@ -33,6 +34,15 @@ def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:
 
         return synthetic.build_panoptic(image_set, args)
     raise UserValueError(f"dataset {args.dataset_file!r} not supported; expected {SUPPORTED}")
+
+
+def check_split_flags(args) -> None:
+    """--train_json --train_images --val_json --val_images are read by --dataset_file coco only: refused (rather than
+    silently ignored) with any other dataset."""
+    given = [f"--{name}" for names in coco.SPLIT_FLAGS.values() for name in names if getattr(args, name, None)]
+    if given and args.dataset_file != "coco":
+        raise UserValueError(f"{', '.join(given)}: explicit annotation and image paths are for --dataset_file coco "
+                             f"(any COCO-format dataset), not {args.dataset_file}")
 
 
 def prepare(args) -> None:
@@ -64,7 +74,17 @@ def get_coco_api_from_dataset(dataset) -> COCO:
 
 
 def default_num_classes(args) -> int:
-    """Number of classes of the classification head (max category id + 1) when --num_classes is not given."""
+    """Number of classes of the classification head (max category id + 1) when --num_classes is not given.
+
+    coco (any COCO-format dataset): from its annotation file (``coco.num_classes_from_annotations``: COCO's gives
+    91, as the original), else 91; coco_panoptic: 250, the original's. Where the number came from, in words, goes to
+    ``args.num_classes_source`` (printed at start)."""
+    check_split_flags(args)
+    if args.dataset_file == "coco":
+        found = coco.num_classes_from_annotations(args)
+        if found is not None:
+            num_classes, args.num_classes_source = found
+            return num_classes
     if args.dataset_file in NUM_CLASSES:
         return NUM_CLASSES[args.dataset_file]
     if args.dataset_file in ("synthetic", "synthetic_panoptic"):
@@ -77,7 +97,9 @@ def default_num_classes(args) -> int:
         categories = coco.load_json(ann_file).get("categories") or []
         if not categories:
             raise coco.DatasetError(f"{ann_file} lists no categories, so the number of classes is unknown")
-        return max(c["id"] for c in categories) + 1
+        max_id = max(c["id"] for c in categories)
+        args.num_classes_source = f"max category id {max_id} + 1, from {ann_file}"
+        return max_id + 1
     raise UserValueError(f"dataset {args.dataset_file!r} not supported; expected {SUPPORTED}")
 
 
@@ -86,6 +108,8 @@ def get_category_names(dataset) -> dict[int, str]:
     unwrapped = _unwrap(dataset)
     if hasattr(unwrapped, "categories"):  # panoptic: things and stuff, from the panoptic JSON
         return {c["id"]: c["name"] for c in unwrapped.categories}
+    if getattr(unwrapped, "category_names", None) is not None:  # a validation split: the training file's categories
+        return dict(unwrapped.category_names)
     api = get_coco_api_from_dataset(dataset)
     return {c["id"]: c["name"] for c in api.loadCats(api.getCatIds())}
 

@@ -139,11 +139,35 @@ def test_empty_split(tmp_path):
         coco.build("train", _args(tmp_path))
 
 
-def test_missing_image_file(tmp_path):
+def test_missing_image_files_are_listed_before_loading(tmp_path):
+    data = _valid_dict()
+    data["images"].append(_image_entry(3))
+    _write(tmp_path, data)
+    for image_id in (2, 3):
+        (tmp_path / "train2017" / f"{image_id:012d}.jpg").unlink()
+    with pytest.raises(FileNotFoundError) as info:  # when the dataset is built: all of them, in one error
+        coco.build("train", _args(tmp_path))
+    message = str(info.value)
+    assert "2 of the 3 image files listed in" in message and "instances_train2017.json" in message
+    assert f"{tmp_path / 'train2017' / '000000000002.jpg'} (image_id 2)" in message
+    assert f"{tmp_path / 'train2017' / '000000000003.jpg'} (image_id 3)" in message
+    assert "--train_images" in message  # the flag that would give another folder
+
+
+def test_all_image_files_missing_hints_at_the_folder(tmp_path):
+    _write(tmp_path, split="val", images=False)
+    with pytest.raises(FileNotFoundError) as info:
+        coco.build("val", _args(tmp_path, val_images=str(tmp_path)))
+    message = str(info.value)
+    assert f"2 of the 2 image files listed in {tmp_path / 'annotations' / 'instances_val2017.json'} are missing " \
+           f"from {tmp_path} (--val_images): is {tmp_path} (--val_images) the folder holding" in message
+
+
+def test_image_file_removed_after_build(tmp_path):
     _write(tmp_path)
+    dataset = coco.build("train", _args(tmp_path))
     path = tmp_path / "train2017" / "000000000002.jpg"
     path.unlink()
-    dataset = coco.build("train", _args(tmp_path))
     with pytest.raises(FileNotFoundError, match=rf"image file {path} \(image_id 2"):
         dataset[1]
 
@@ -171,3 +195,167 @@ def test_build_dataset_dispatch_and_coco_api(tmp_path):
         datasets.build_dataset("train", Namespace(dataset_file="coco_panoptic"))
     with pytest.raises(ValueError, match="not supported"):
         datasets.build_dataset("train", Namespace(dataset_file="voc"))
+
+
+# --- any COCO-format dataset: explicit paths (--train_json --train_images --val_json --val_images) ----------------
+
+SPARSE = {3: "cat", 7: "dog", 12: "bird"}
+
+
+def _custom(root: Path, category_ids=(3, 7, 12), split="train", images=True) -> tuple[Path, Path]:
+    """A COCO-format split outside the COCO layout: <root>/imgs/*.jpg and <root>/ann/<split>.json."""
+    data = {
+        "images": [_image_entry(1), _image_entry(2)],
+        "annotations": [_ann(k + 1, 1 + k % 2, cid, [2 + k, 3, 10, 8]) for k, cid in enumerate(category_ids)],
+        "categories": [{"id": cid, "name": SPARSE.get(cid, f"c{cid}")} for cid in sorted(set(category_ids))],
+    }
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    (root / "ann").mkdir(exist_ok=True)
+    ann_file = root / "ann" / f"{split}.json"
+    ann_file.write_text(json.dumps(data))
+    if images:
+        for img in data["images"]:
+            PIL.Image.new("RGB", (img["width"], img["height"]), (90, 120, 150)).save(root / "imgs" / img["file_name"])
+    return ann_file, root / "imgs"
+
+
+def _custom_args(root: Path, **kw):
+    paths = {"train_json": str(root / "ann" / "train.json"), "train_images": str(root / "imgs"),
+             "val_json": str(root / "ann" / "val.json"), "val_images": str(root / "imgs")}
+    return Namespace(**{"dataset_file": "coco", "coco_path": None, "masks": False, "eval": False, **paths, **kw})
+
+
+def test_explicit_paths_serve_any_layout(tmp_path):
+    _custom(tmp_path, split="train")
+    _custom(tmp_path, split="val")
+    args = _custom_args(tmp_path)
+    train, val = datasets.build_dataset("train", args), datasets.build_dataset("val", args)
+    assert train.ann_file == tmp_path / "ann" / "train.json" and train.root == tmp_path / "imgs"
+    assert val.ann_file == tmp_path / "ann" / "val.json" and len(val) == 2
+    assert datasets.get_category_names(val) == SPARSE
+
+
+def test_explicit_path_overrides_only_its_own(tmp_path):
+    _write(tmp_path, split="val")
+    ann_file, _ = _custom(tmp_path / "other", split="val", images=False)
+    args = _args(tmp_path, val_json=str(ann_file))  # images still from <coco_path>/val2017
+    dataset = coco.build("val", args)
+    assert dataset.ann_file == ann_file and dataset.root == tmp_path / "val2017"
+
+
+def test_eval_needs_only_the_val_paths(tmp_path):
+    _custom(tmp_path, split="val")
+    args = _custom_args(tmp_path, eval=True, train_json=None, train_images=None)
+    assert len(datasets.build_dataset("val", args)) == 2
+    assert datasets.default_num_classes(args) == 13  # from the val file, nothing else to read
+    assert args.num_classes_source == f"max category id 12 + 1, from {tmp_path / 'ann' / 'val.json'}"
+    with pytest.raises(ValueError, match=r"needs --coco_path.*or the train split's own paths: --train_images and "
+                                         r"--train_json"):
+        datasets.build_dataset("train", args)
+
+
+def test_missing_paths_name_their_flag(tmp_path):
+    _custom(tmp_path, split="train")
+    args = _custom_args(tmp_path, val_json=str(tmp_path / "nope.json"))
+    with pytest.raises(FileNotFoundError, match=rf"annotation file {tmp_path / 'nope.json'} not found \(--val_json\)"):
+        datasets.build_dataset("val", args)
+    args = _custom_args(tmp_path, train_images=str(tmp_path / "no_imgs"))
+    with pytest.raises(FileNotFoundError, match=rf"image folder {tmp_path / 'no_imgs'} not found \(--train_images\)"):
+        datasets.build_dataset("train", args)
+    args = _custom_args(tmp_path, train_json=str(tmp_path / "gone.json"))
+    with pytest.raises(FileNotFoundError,
+                       match=rf"annotation file {tmp_path / 'gone.json'} not found \(--train_json\)"):
+        datasets.default_num_classes(args)
+    # a path derived from --coco_path says so, and which flag gives another one
+    _write(tmp_path / "coco")
+    with pytest.raises(FileNotFoundError, match=r"val2017 not found \(val2017 under --coco_path; --val_images gives"):
+        coco.build("val", _args(tmp_path / "coco"))
+
+
+def test_split_flags_are_for_the_coco_dataset_only(tmp_path):
+    args = Namespace(dataset_file="synthetic", train_json=str(tmp_path / "t.json"))
+    with pytest.raises(ValueError, match="--train_json: explicit annotation and image paths are for --dataset_file"):
+        datasets.build_dataset("train", args)
+
+
+@pytest.mark.parametrize("ids, expected", [((3, 7, 12), 13), ((0, 1), 2), ((5,), 6)])
+def test_num_classes_is_max_category_id_plus_one_of_the_training_file(tmp_path, ids, expected):
+    _custom(tmp_path, category_ids=ids, split="train")
+    _custom(tmp_path, category_ids=(1,), split="val")  # not read: the training file decides
+    args = _custom_args(tmp_path)
+    assert datasets.default_num_classes(args) == expected
+    assert args.num_classes_source == f"max category id {expected - 1} + 1, from {tmp_path / 'ann' / 'train.json'}"
+    train = datasets.build_dataset("train", Namespace(**dict(vars(args), num_classes=expected)))
+    assert sorted(train.coco.getCatIds()) == sorted(set(ids))  # id 0 is a class like any other
+
+
+def test_num_classes_of_the_original_datasets(tmp_path):
+    # COCO's own layout: read from instances_train2017.json (COCO's gives 91, the original's value)
+    _write(tmp_path)
+    args = _args(tmp_path)
+    assert datasets.default_num_classes(args) == 4
+    assert "from " + str(tmp_path / "annotations" / "instances_train2017.json") in args.num_classes_source
+    # with --eval and no training file: the validation file
+    _write(tmp_path / "v", split="val", data={**_valid_dict(), "categories": [{"id": 40, "name": "x"}],
+                                              "annotations": []})
+    assert datasets.default_num_classes(_args(tmp_path / "v", eval=True)) == 41
+    # nothing to read: the original's constants
+    assert datasets.default_num_classes(Namespace(dataset_file="coco")) == 91
+    assert datasets.default_num_classes(Namespace(dataset_file="coco_panoptic", coco_path=str(tmp_path))) == 250
+
+
+def test_large_category_ids_warn_with_a_hint(tmp_path, caplog):
+    _custom(tmp_path, category_ids=(1, 5000), split="train")
+    with caplog.at_level("WARNING"):
+        assert datasets.default_num_classes(_custom_args(tmp_path)) == 5001
+    assert "the class head would have 5002 rows (max category id 5000 + 1" in caplog.text
+    assert "Remap the ids to 1..2" in caplog.text
+    caplog.clear()
+    _custom(tmp_path, category_ids=(3, 7, 12), split="train")
+    with caplog.at_level("WARNING"):
+        datasets.default_num_classes(_custom_args(tmp_path))
+    assert "class head" not in caplog.text
+
+
+def test_annotation_of_an_unlisted_category_is_an_error(tmp_path):
+    data = _valid_dict()
+    data["annotations"].append(_ann(9, 2, 8, [1, 1, 4, 4]))
+    _write(tmp_path, data)
+    with pytest.raises(coco.DatasetError) as info:
+        coco.build("train", _args(tmp_path))
+    message = str(info.value)
+    assert str(tmp_path / "annotations" / "instances_train2017.json") in message
+    assert "annotation id 9 (image_id 2) has category_id 8, which is not the id of any entry of 'categories' " \
+           "(ids 1, 2, 3)" in message
+
+
+def test_validation_category_missing_from_training_warns(tmp_path, caplog):
+    _custom(tmp_path, category_ids=(3, 7), split="train")
+    _custom(tmp_path, category_ids=(3, 12), split="val")
+    args = _custom_args(tmp_path)
+    with caplog.at_level("WARNING"):
+        val = datasets.build_dataset("val", args)
+    assert f"1 validation category of {tmp_path / 'ann' / 'val.json'} is not in the training file " \
+           f"{tmp_path / 'ann' / 'train.json'}: 12 'bird'" in caplog.text
+    # the model's categories (checkpoint, predictor): the training file's, plus the validation-only ones
+    assert datasets.get_category_names(val) == SPARSE
+    # with --eval there is no training file to compare with: the validation file's categories
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        val = datasets.build_dataset("val", Namespace(**dict(vars(args), eval=True)))
+    assert "validation categor" not in caplog.text
+    assert datasets.get_category_names(val) == {3: "cat", 12: "bird"}
+
+
+def test_annotation_file_read_ahead_is_parsed_once(tmp_path, monkeypatch):
+    _custom(tmp_path, split="train")
+    _custom(tmp_path, split="val")
+    args = _custom_args(tmp_path)
+    reads = []
+    real = coco.load_json
+    monkeypatch.setattr(coco, "load_json", lambda path: reads.append(Path(path).name) or real(path))
+    datasets.default_num_classes(args)
+    datasets.build_dataset("val", args)
+    datasets.build_dataset("train", args)
+    assert sorted(reads) == ["train.json", "val.json"]
+    assert not coco._READ_AHEAD  # handed over to the datasets, not kept

@@ -91,6 +91,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--coco_path", type=str, help="COCO-format folder (train2017/, val2017/, annotations/)")
     data.add_argument("--coco_panoptic_path", type=str, help="COCO panoptic folder")
     data.add_argument("--remove_difficult", action="store_true", help="(unused; kept for compatibility)")
+    # any COCO-format layout: each path overrides the one derived from --coco_path
+    data.add_argument("--train_json", type=str, default=None,
+                      help="training annotation file, COCO format, any path (--dataset_file coco); overrides "
+                           "<coco_path>/annotations/instances_train2017.json")
+    data.add_argument("--train_images", type=str, default=None,
+                      help="folder of the training images, the JSON's file_names being relative to it "
+                           "(--dataset_file coco); overrides <coco_path>/train2017")
+    data.add_argument("--val_json", type=str, default=None,
+                      help="validation annotation file, COCO format, any path (--dataset_file coco); overrides "
+                           "<coco_path>/annotations/instances_val2017.json. With --eval, only --val_json and "
+                           "--val_images are needed (e.g. --eval --resume CKPT --val_json X --val_images Y)")
+    data.add_argument("--val_images", type=str, default=None,
+                      help="folder of the validation images, the JSON's file_names being relative to it "
+                           "(--dataset_file coco); overrides <coco_path>/val2017")
     data.add_argument("--scales", default=[480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], type=int,
                       nargs="+", help="training shorter-side sizes, one picked at random per image")
     data.add_argument("--max_size", default=1333, type=int, help="longest side after resizing")

@@ -80,7 +80,9 @@ def log_start(args, model: torch.nn.Module) -> None:
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("number of classes: %d (%s)", args.num_classes,
                 "from the checkpoint" if "num_classes" in from_checkpoint else
-                "--num_classes" if args.num_classes_given else f"from the {args.dataset_file} dataset")
+                "--num_classes" if args.num_classes_given else
+                # a COCO-format dataset: datasets.default_num_classes says where it came from (file, max id)
+                getattr(args, "num_classes_source", None) or f"from the {args.dataset_file} dataset")
     if args.thing_ids is not None:
         logger.info("categories: %d things, %d stuff (from the dataset)", len(args.thing_ids),
                     len(args.category_names) - len(args.thing_ids))

@@ -64,7 +64,8 @@ from util.nested_tensor import collate_fn
 logger = logging.getLogger(__name__)
 
 # What --resume restores beyond the weights; flags given on the command line may override it (see resume()).
-SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "clip_max_norm", "warmup_iters")
+SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "clip_max_norm", "warmup_iters",
+                  "accum_steps")
 # Flags that shape the box model: --frozen_weights must come from a model built with the same ones; a --resume
 # whose weights do not fit names those that differ (load_architecture).
 ARCHITECTURE_FLAGS = ("backbone", "dilation", "backbone_norm", "backbone_last_layer", "backbone_blocks",
@@ -90,6 +91,8 @@ def seed_everything(seed: int) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if args.accum_steps < 1:
+        raise SystemExit(f"--accum_steps must be at least 1 (got {args.accum_steps})")
     if args.frozen_weights is not None and not args.masks:
         raise SystemExit("--frozen_weights is only for training the segmentation head: add --masks")
     if args.finetune and (args.resume or args.frozen_weights):
@@ -391,8 +394,9 @@ def print_start(args, model_without_ddp) -> None:
         logger.info("categories: %d things, %d stuff (from the dataset)", len(args.thing_ids),
                     len(args.category_names) - len(args.thing_ids))
     logger.info("trainable parameters: %d", n_parameters)
-    logger.info("effective batch size: %d (%d per process x %d processes)", args.batch_size * get_world_size(),
-                args.batch_size, get_world_size())
+    logger.info("effective batch size: %d (%d per process x %d processes x %d accumulation steps)",
+                args.batch_size * get_world_size() * args.accum_steps, args.batch_size, get_world_size(),
+                args.accum_steps)
 
 
 def write_epoch_outputs(output_dir: Path, log_stats: dict, coco_evaluator, epoch: int) -> None:
@@ -583,7 +587,8 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
         if args.distributed:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-                                      warmup_iters=args.warmup_iters, amp=args.amp, scaler=scaler)
+                                      warmup_iters=args.warmup_iters, amp=args.amp, scaler=scaler,
+                                      accum_steps=args.accum_steps)
         lr_scheduler.step()
         if output_dir and is_main_process():
             state = checkpoint_dict(model_without_ddp, optimizer, lr_scheduler, epoch, args, scaler)

@@ -151,6 +151,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="torch.distributed backend: auto (NCCL when training on CUDA, else gloo), nccl or gloo")
     parser.add_argument("--dist_timeout", default=30.0, type=float,
                         help="minutes after which a collective that some rank never joins fails (instead of hanging)")
+
+    # gradient accumulation
+    parser.add_argument("--accum_steps", default=1, type=int,
+                        help="optimizer step every K batches, with their gradients accumulated: the step of one "
+                             "K times larger batch (effective batch batch_size x processes x K; losses normalised "
+                             "over the K batches; --warmup_iters counts optimizer steps; the batches left over at "
+                             "an epoch's end are dropped). 1: none, as the original")
     return parser
 
 

@@ -66,7 +66,8 @@ from util.two_stage import train_two_stages, two_stages_apply
 logger = logging.getLogger(__name__)
 
 # What --resume restores beyond the weights; flags given on the command line may override it (see resume()).
-SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "clip_max_norm", "warmup_iters")
+SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "clip_max_norm", "warmup_iters",
+                  "accum_steps")
 # Flags that shape the box model: --frozen_weights must come from a model built with the same ones; a --resume
 # whose weights do not fit names those that differ (load_architecture).
 ARCHITECTURE_FLAGS = ("backbone", "dilation", "backbone_norm", "backbone_last_layer", "backbone_blocks",
@@ -426,7 +427,8 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
         if args.distributed:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-                                      warmup_iters=args.warmup_iters, amp=args.amp, scaler=scaler)
+                                      warmup_iters=args.warmup_iters, amp=args.amp, scaler=scaler,
+                                      accum_steps=args.accum_steps)
         lr_scheduler.step()
         if output_dir and is_main_process():
             state = checkpoint_dict(model_without_ddp, optimizer, lr_scheduler, epoch, args, scaler)

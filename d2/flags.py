@@ -78,6 +78,7 @@ NOT_IN_CONFIG = {
     "eval": "train_net.py --eval-only",
     "amp": "SOLVER.AMP.ENABLED (Detectron2's own mixed precision)",
     "compile": "not offered by Detectron2's trainer",
+    "accum_steps": "Detectron2's trainer has no gradient accumulation (SOLVER.IMS_PER_BATCH is the whole batch)",
     "aspect_ratio_grouping": "DATALOADER.ASPECT_RATIO_GROUPING (Detectron2 groups by default)",
     "coco_eval_backend": "Detectron2's COCOEvaluator (pycocotools, or its own fast C++ evaluation)",
     "dist_backend": "Detectron2's launch (NCCL on GPUs, gloo on CPU)",

@@ -131,6 +131,8 @@ class SetCriterion(nn.Module):
 
     Box and mask losses are normalised by the number of target boxes in the batch, averaged across
     processes; the class loss is a weighted mean with the no-object class weighted by ``eos_coef``.
+    For gradient accumulation, ``forward``'s ``batch_targets`` normalises a micro-batch's losses as those of the
+    whole batch it belongs to, so that the micro-batches' losses (and gradients) sum to the whole batch's.
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: dict, eos_coef: float, losses: list[str]):
@@ -144,15 +146,23 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = self.eos_coef  # no-object is the most frequent "class": down-weight it
         self.register_buffer("empty_weight", empty_weight)
 
-    def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
-        """Cross-entropy over num_classes + 1 for every query; targets of unmatched queries are no-object."""
+    def loss_labels(self, outputs, targets, indices, num_boxes, log=True, class_weight_sum: Optional[float] = None):
+        """Cross-entropy over num_classes + 1 for every query; targets of unmatched queries are no-object.
+
+        A mean over the batch's queries weighted by the class weights (``empty_weight``): divided by the sum of the
+        weights of all queries' target classes, that of these queries unless ``class_weight_sum`` gives that of a
+        larger batch (gradient accumulation, see ``class_weight_sum``)."""
         src_logits = outputs["pred_logits"]
         idx = self._get_src_permutation_idx(indices)
         target_classes_o = torch.cat([t["labels"][J] for t, (_, J) in zip(targets, indices)])
         target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
                                     device=src_logits.device)
         target_classes[idx] = target_classes_o
-        loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)
+        if class_weight_sum is None:
+            loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)
+        else:
+            loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight,
+                                      reduction="sum") / class_weight_sum
         losses = {"loss_ce": loss_ce}
         if log:
             # logged only, not a loss
@@ -214,14 +224,22 @@ class SetCriterion(nn.Module):
             raise ValueError(f"SetCriterion: unknown loss {loss!r}; expected one of {sorted(loss_map)}")
         return loss_map[loss](outputs, targets, indices, num_boxes, **kwargs)
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+    def forward(self, outputs: dict, targets: list[dict],
+                batch_targets: Optional[list[dict]] = None) -> dict[str, Tensor]:
         """outputs: the model's output dict; targets: one dict per image with 'labels' [n] and 'boxes' [n, 4]
         ((cx, cy, w, h) normalised), plus 'masks' [n, H, W] for the mask losses.
-        Returns the unweighted losses; aux-layer losses get the suffix ``_{i}``."""
+        Returns the unweighted losses; aux-layer losses get the suffix ``_{i}``.
+
+        ``batch_targets`` (gradient accumulation): the targets of the whole batch of which ``targets`` is one
+        micro-batch (this process's part; ``targets`` among them). The losses are then this micro-batch's share of
+        the whole batch's: box and mask losses divided by the whole batch's box count (averaged across processes,
+        as always), the class loss by the whole batch's sum of class weights (``class_weight_sum``, this process's
+        as always), so the shares of all micro-batches add up to the whole batch's losses. Logged-only values
+        (class_error, cardinality_error) stay this micro-batch's. Matching is per image, so it is unaffected."""
         if "group_outputs" in outputs:
             # query groups (a convergence aid): each group is matched and supervised on its own; losses averaged
             groups = [{k: v for k, v in outputs.items() if k != "group_outputs"}] + outputs["group_outputs"]
-            per_group = [self(group, targets) for group in groups]
+            per_group = [self(group, targets, batch_targets) for group in groups]
             return {k: sum(losses[k] for losses in per_group) / len(per_group) for k in per_group[0]}
         self._check_targets(targets)
         outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
@@ -233,24 +251,38 @@ class SetCriterion(nn.Module):
             indices_per_layer = [self.matcher(o, targets) for o in [outputs_without_aux] + aux_outputs]
 
         # average number of target boxes across processes, for normalisation
-        num_boxes = sum(len(t["labels"]) for t in targets)
+        num_boxes = sum(len(t["labels"]) for t in (targets if batch_targets is None else batch_targets))
         num_boxes = torch.as_tensor([num_boxes], dtype=torch.float, device=next(iter(outputs.values())).device)
         if is_dist_avail_and_initialized():
             torch.distributed.all_reduce(num_boxes)
         num_boxes = torch.clamp(num_boxes / get_world_size(), min=1).item()
+        # the class loss's normaliser: the same for every decoder layer (every layer has as many queries)
+        labels_kwargs = {}
+        if batch_targets is not None:
+            labels_kwargs["class_weight_sum"] = self.class_weight_sum(batch_targets, outputs["pred_logits"].shape[1])
 
         losses = {}
         for loss in self.losses:
-            losses.update(self.get_loss(loss, outputs, targets, indices_per_layer[0], num_boxes))
+            losses.update(self.get_loss(loss, outputs, targets, indices_per_layer[0], num_boxes,
+                                        **(labels_kwargs if loss == "labels" else {})))
 
         for i, (aux, indices) in enumerate(zip(aux_outputs, indices_per_layer[1:])):
             for loss in self.losses:
                 if loss == "masks":
                     continue  # intermediate masks are too costly and not predicted
-                kwargs = {"log": False} if loss == "labels" else {}
+                kwargs = {"log": False, **labels_kwargs} if loss == "labels" else {}
                 l_dict = self.get_loss(loss, aux, targets, indices, num_boxes, **kwargs)
                 losses.update({k + f"_{i}": v for k, v in l_dict.items()})
         return losses
+
+    def class_weight_sum(self, targets: list[dict], num_queries: int) -> float:
+        """The normaliser of the class loss (``loss_labels``) over the images of ``targets``, known before matching:
+        the sum over all queries of the weight of their target class. The matching is one-to-one, so an image with
+        n objects has min(n, num_queries) matched queries, whose object classes weigh 1, and the rest no-object,
+        weighing ``eos_coef`` (``empty_weight``)."""
+        eos = float(self.empty_weight[-1])
+        matched = sum(min(len(t["labels"]), num_queries) for t in targets)
+        return matched + eos * (len(targets) * num_queries - matched)
 
     def _check_targets(self, targets: list[dict]) -> None:
         for i, t in enumerate(targets):

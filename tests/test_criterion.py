@@ -83,3 +83,42 @@ def test_no_object_is_down_weighted():
     assert criterion.empty_weight.tolist() == [1, 1, 1, 1, pytest.approx(0.1)]
     model, criterion, _ = build_model(tiny_args(eos_coef=0.25))
     assert criterion.empty_weight[-1].item() == pytest.approx(0.25)
+
+
+def _accumulation_batch(counts=(0, 2, 6, 1, 3, 1)):
+    """Outputs of 6 images (5 queries, 2 decoder layers) and their targets: counts of objects per image, one image
+    with more objects than queries."""
+    gen = torch.Generator().manual_seed(1)
+    n, q, c = len(counts), 5, 4
+    layers = [{"pred_logits": torch.randn(n, q, c + 1, generator=gen),
+               "pred_boxes": torch.rand(n, q, 4, generator=gen) * 0.4 + 0.3} for _ in range(2)]
+    outputs = dict(layers[-1], aux_outputs=layers[:-1])
+    targets = [{"labels": torch.randint(0, c, (k,), generator=gen),
+                "boxes": torch.cat([torch.rand(k, 2, generator=gen) * 0.4 + 0.3,
+                                    torch.rand(k, 2, generator=gen) * 0.2 + 0.1], dim=1)} for k in counts]
+    return outputs, targets
+
+
+def _part(outputs, lo, hi):
+    return {k: [_part(a, lo, hi) for a in v] if k == "aux_outputs" else v[lo:hi] for k, v in outputs.items()}
+
+
+def test_micro_batch_losses_add_up_to_the_whole_batchs():
+    """Gradient accumulation: with batch_targets, each micro-batch's losses (class loss of every decoder layer
+    included) are its share of the whole batch's; without, each is its own mean and they do not add up."""
+    criterion = SetCriterion(4, HungarianMatcher(1, 5, 2), {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}, 0.1,
+                             ["labels", "boxes", "cardinality"])
+    outputs, targets = _accumulation_batch()
+    whole = criterion(outputs, targets)
+    parts = [(_part(outputs, lo, hi), targets[lo:hi]) for lo, hi in ((0, 2), (2, 3), (3, 6))]
+    shares = [criterion(o, t, batch_targets=targets) for o, t in parts]
+    for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"):
+        assert sum(s[k] for s in shares).item() == pytest.approx(whole[k].item(), rel=1e-6), k
+    own = [criterion(o, t) for o, t in parts]
+    assert abs(sum(s["loss_ce"] for s in own).item() / 3 - whole["loss_ce"].item()) > 1e-3
+    # the class-weight normaliser known before matching is the one the weighted mean uses
+    assert criterion.class_weight_sum(targets, 5) == pytest.approx(12 + 0.1 * (30 - 12))
+    # a batch given as its own batch_targets: the same losses (today's path is the default)
+    alone = criterion(outputs, targets, batch_targets=targets)
+    for k, v in whole.items():
+        assert alone[k].item() == pytest.approx(v.item(), rel=1e-6), k

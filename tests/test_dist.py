@@ -206,3 +206,35 @@ def test_backbone_weights_are_read_by_the_main_process_and_broadcast(tmp_path):
         assert torch.equal(r["bn_mean"], state["layer1.0.bn1.running_mean"])  # buffers too
     assert torch.equal(results[0]["head"], results[1]["head"])  # DDP synchronised the whole model
 
+
+
+
+# gradient accumulation: object counts of 8 images, 4 per process. The processes hold different numbers of boxes
+# (9 and 8) but, one image having more objects than the 5 queries, the same number of matched queries (8), so the
+# same class-weight sum: DDP's average of the two processes' class-loss means is then the mean over all 8 images.
+# Within each process the two micro-batches differ in both.
+COUNTS = [0, 1, 2, 6, 3, 1, 2, 2]
+
+
+def _accumulate(rank, _):
+    from test_engine import _detection_batch, _one_step
+
+    mine = _detection_batch(COUNTS)[4 * rank: 4 * rank + 4]
+    grads, _, all_reduces = _one_step([mine[:2], mine[2:]], 2, 0, ddp=True)  # --accum_steps 2: 2 micro-batches of 2
+    return {"grads": grads, "all_reduces": all_reduces}
+
+
+def test_accumulated_micro_batches_on_two_processes_step_like_one_batch_of_8(tmp_path):
+    """2 processes x 2 micro-batches of 2 (--accum_steps 2) give the gradients of 1 process x batch 8 (and so of
+    2 processes x batch 4): the box normaliser is the whole batch's, averaged across processes, and the class loss
+    is each process's weighted mean over its 2 micro-batches (as the original's over its batch)."""
+    from test_engine import _detection_batch, _one_step
+
+    results = run_two_processes(_accumulate, tmp_path)
+    expected = _one_step([_detection_batch(COUNTS)], 1, 0)[0]
+    assert expected.keys() == results[0]["grads"].keys() and len(expected) > 20
+    for r in results:
+        for name, g in expected.items():
+            assert (r["grads"][name] - g).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), name
+        # DDP all-reduced the gradients in the second micro-batch's backward only (no_sync for the first)
+        assert r["all_reduces"] and set(r["all_reduces"]) == {2}

@@ -545,3 +545,157 @@ def _overfit(model, criterion, optimizer, samples, targets, losses):
         assert torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1) < 1e4
         optimizer.step()
         losses.append(loss.item())
+
+
+# gradient accumulation (--accum_steps)
+
+def _detection_batch(counts, size=48, seed=0):
+    """(image, target) pairs of equal size (so batches of any split pad alike), with counts[i] objects each."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for i, k in enumerate(counts):
+        boxes = torch.cat([torch.rand(k, 2, generator=gen) * 0.4 + 0.3, torch.rand(k, 2, generator=gen) * 0.3 + 0.1],
+                          dim=1)
+        items.append((torch.randn(3, size, size, generator=gen),
+                      {"labels": torch.randint(0, 4, (k,), generator=gen), "boxes": boxes,
+                       "image_id": torch.tensor(i)}))
+    return items
+
+
+def _one_step(batches, accum_steps, max_norm, ddp=False):
+    """One SGD step of a tiny DETR (frozen BatchNorm, dropout 0, aux losses) from fixed initial weights; returns
+    the gradients the optimizer saw, the weights after the step and, for each gradient all-reduce (bucket), how many
+    forwards had run. ``ddp``: the model in DistributedDataParallel (within a process group, tests/test_dist.py)."""
+    from util.nested_tensor import collate_fn
+
+    torch.manual_seed(0)
+    model, criterion, _ = detr_main.build_model(tiny_args())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    grads = {}
+    optimizer.register_step_pre_hook(lambda *_: grads.update(
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    trained, forwards, all_reduces = model, [], []
+    if ddp:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counted_all_reduce(state, bucket):
+            all_reduces.append(len(forwards))
+            return allreduce_hook(state, bucket)
+        model.register_forward_pre_hook(lambda *_: forwards.append(1))
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+        trained.register_comm_hook(None, counted_all_reduce)
+    train_one_epoch(trained, criterion, [collate_fn(b) for b in batches], optimizer, torch.device("cpu"), 0,
+                    max_norm=max_norm, accum_steps=accum_steps)
+    return grads, {n: p.detach().clone() for n, p in model.named_parameters()}, all_reduces
+
+
+@pytest.mark.parametrize("max_norm", [0, 0.1])
+def test_two_micro_batches_of_4_step_like_one_batch_of_8(max_norm):
+    """Box counts differ between the halves (9 and 7; one image has more objects than queries), so both the box
+    normaliser and the class loss's weighted-mean normaliser must be the whole batch's; clipping acts on the
+    accumulated gradient."""
+    items = _detection_batch([0, 1, 2, 6, 3, 1, 1, 2])
+    big_grads, big_params, _ = _one_step([items], 1, max_norm)
+    acc_grads, acc_params, _ = _one_step([items[:4], items[4:]], 2, max_norm)
+    assert big_grads.keys() == acc_grads.keys() and len(big_grads) > 20
+    for name, g in big_grads.items():  # within 1e-5 of the gradient's scale (float32 sums in another order)
+        assert (acc_grads[name] - g).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), name
+    for name, p in big_params.items():
+        assert (acc_params[name] - p).abs().max().item() <= 1e-5 * max(1.0, p.abs().max().item()), name
+    assert max(g.abs().max().item() for g in big_grads.values()) > 1e-2  # gradients that mean something
+
+
+class _AccumulatingQuadraticCriterion(_QuadraticCriterion):
+    """Each micro-batch's share of the whole batch's loss, as SetCriterion's batch_targets gives."""
+
+    def __init__(self, scale: float = 1.0, nan_ids=()):
+        super().__init__(scale)
+        self.nan_ids = set(nan_ids)
+        self.seen = []
+
+    def forward(self, outputs, targets, batch_targets=None):
+        ids = [int(t["image_id"]) for t in targets]
+        self.seen.append(ids)
+        losses = super().forward(outputs, targets)
+        share = len(targets) / len(batch_targets if batch_targets is not None else targets)
+        losses["loss_ce"] = losses["loss_ce"] * share * (float("nan") if self.nan_ids & set(ids) else 1.0)
+        return losses
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_accumulation_warmup_and_epoch_count_optimizer_steps(caplog):
+    model = _Quadratic()
+    optimizer = torch.optim.SGD([{"params": [model.w]}], lr=0.1)
+    used = []
+    step = optimizer.step
+
+    def recording_step(*a, **k):
+        used.append(optimizer.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    optimizer.step = recording_step
+    criterion = _AccumulatingQuadraticCriterion()
+    with caplog.at_level(logging.INFO):
+        train_one_epoch(model, criterion, _batches(7), optimizer, torch.device("cpu"), 0, warmup_iters=5,
+                        accum_steps=2)
+    # 7 micro-batches: 3 steps of 2, the 7th left out (not even loaded); warmup over optimizer steps
+    assert used == pytest.approx([0.02, 0.04, 0.06])
+    assert criterion.seen == [[0], [1], [2], [3], [4], [5]]
+    assert "the last 1 micro-batches of the epoch are left out" in caplog.text
+    train_one_epoch(model, criterion, _batches(7), optimizer, torch.device("cpu"), 1, warmup_iters=5,
+                    accum_steps=2)
+    assert used[3:] == pytest.approx([0.08, 0.1, 0.1])  # epoch 1 goes on at optimizer step 3
+    used.clear()
+    train_one_epoch(model, criterion, _batches(2), optimizer, torch.device("cpu"), 0, accum_steps=3)
+    assert used == pytest.approx([0.1])  # fewer micro-batches than accum_steps: one step of them all
+
+
+def test_accumulated_step_with_clipping_and_fp16_scaler_is_the_whole_batchs():
+    """K micro-batches of a quadratic loss: the step (clipped once, scaler once) equals one step on their sum."""
+    results = []
+    for accum_steps, scaler in ((1, None), (4, None), (4, torch.amp.GradScaler("cpu"))):
+        model = _Quadratic()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        batches = _batches(4)
+        if accum_steps == 1:  # the whole batch in one: the sum of the four losses
+            batches = [(batches[0][0], tuple(t for _, ts in batches for t in ts))]
+        updates = []
+        if scaler is not None:
+            real_update = scaler.update
+            scaler.update = lambda *a: updates.append(1) or real_update(*a)
+        stats = train_one_epoch(model, _AccumulatingQuadraticCriterion(1000.0), batches, optimizer,
+                                torch.device("cpu"), 0, max_norm=0.1, accum_steps=accum_steps, scaler=scaler)
+        results.append((model.w.detach().clone(), stats["loss"]))
+        if scaler is not None:
+            assert updates == [1]
+    for w, loss in results[1:]:
+        torch.testing.assert_close(w, results[0][0], rtol=1e-6, atol=1e-7)
+        assert loss == pytest.approx(results[0][1], rel=1e-6)  # the logged loss is the whole batch's
+    assert torch.linalg.vector_norm(results[0][0] - 1.0).item() == pytest.approx(0.1, rel=1e-5)
+
+
+def test_non_finite_micro_batch_skips_its_whole_step(caplog):
+    model = _Quadratic()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    criterion = _AccumulatingQuadraticCriterion(nan_ids={1})
+    with caplog.at_level(logging.WARNING):
+        stats = train_one_epoch(model, criterion, _batches(4), optimizer, torch.device("cpu"), 0, accum_steps=2)
+    assert stats["skipped_steps"] == 1
+    assert "Loss is nan at epoch 0 iteration 0 (micro-batch 1), step skipped. Image ids: [1]" in caplog.text
+    # only the second step (micro-batches 2 and 3, each half the loss) moved w: by lr * w
+    torch.testing.assert_close(model.w.detach(), torch.full((4,), 0.9))
+    with pytest.raises(NonFiniteLossError, match="5 consecutive non-finite losses"):
+        train_one_epoch(model, _AccumulatingQuadraticCriterion(nan_ids={0, 2, 4, 6, 8}), _batches(10), optimizer,
+                        torch.device("cpu"), 0, accum_steps=2)
+
+
+def test_accum_steps_through_main(data_dir, tmp_path, caplog):
+    argv = ["--dataset_file", "synthetic", "--coco_path", str(data_dir), "--output_dir", str(tmp_path)] + TINY
+    with caplog.at_level(logging.INFO):
+        stats = run(with_flag(with_flag(argv, "--batch_size", 2), "--accum_steps", 2))
+    assert "effective batch size: 4 (2 per process x 1 processes x 2 accumulation steps)" in caplog.text
+    log = json.loads((tmp_path / "log.txt").read_text().splitlines()[-1])
+    assert math.isfinite(log["train_loss"]) and len(stats["coco_eval_bbox"]) == 12
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["args"]["accum_steps"] == 2
+    with pytest.raises(SystemExit, match="--accum_steps must be at least 1"):
+        run(with_flag(argv, "--accum_steps", 0))

@@ -119,6 +119,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--num_workers", default=2, type=int, help="data loading workers")
 
     training = parser.add_argument_group("training")
+    training.add_argument("--accum_steps", default=1, type=int,
+                          help="optimizer step every K batches, with their gradients accumulated: the step of one "
+                               "K times larger batch (effective batch batch_size x processes x K; losses normalised "
+                               "over the K batches; --warmup_iters counts optimizer steps; the batches left over at "
+                               "an epoch's end are dropped). 1: none, as the original")
     training.add_argument("--lr", default=1e-4, type=float, help="learning rate of the transformer and heads")
     training.add_argument("--lr_backbone", default=1e-5, type=float,
                           help="learning rate of the backbone; 0 freezes it (and then no intermediate layer trains)")
@@ -248,6 +253,8 @@ def given_flags(args: argparse.Namespace) -> set[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Stop with a message on flag combinations that cannot work, before anything is built."""
+    if args.accum_steps < 1:
+        raise SystemExit(f"--accum_steps must be at least 1 (got {args.accum_steps})")
     if args.frozen_weights is not None and not args.masks:
         raise SystemExit("--frozen_weights is only for training the segmentation head: add --masks")
     if args.finetune and (args.resume or args.frozen_weights):

@@ -87,8 +87,10 @@ def log_start(args, model: torch.nn.Module) -> None:
         logger.info("categories: %d things, %d stuff (from the dataset)", len(args.thing_ids),
                     len(args.category_names) - len(args.thing_ids))
     logger.info("trainable parameters: %d", n_parameters)
-    logger.info("effective batch size: %d (%d per process x %d processes)", args.batch_size * get_world_size(),
-                args.batch_size, get_world_size())
+    accum = getattr(args, "accum_steps", 1)
+    logger.info("effective batch size: %d (%d per process x %d processes%s)",
+                args.batch_size * get_world_size() * accum, args.batch_size, get_world_size(),
+                f" x {accum} accumulation steps" if accum > 1 else "")
 
 
 class SmoothedValue:

@@ -108,10 +108,10 @@ def take_checkpoint_flags(args, checkpoint: dict) -> dict:
         ours = getattr(args, name, None)
         aliases = FLAG_ALIASES.get(name, {})
         if name not in given:
-            if ours != theirs:
+            if ours != theirs:  # a recipe's value the checkpoint agrees with stays listed as the recipe's
                 applied[name] = theirs
+                (args.defaults_applied or {}).pop(name, None)
             setattr(args, name, copy.deepcopy(theirs))
-            (args.defaults_applied or {}).pop(name, None)
         elif aliases.get(theirs, theirs) != aliases.get(ours, ours):
             if name in SIZE_FLAGS:
                 logger.warning("--%s %s: the checkpoint's run evaluated at --%s %s (leave the flag out to use it)",
@@ -267,10 +267,12 @@ def load_model(source: str, *, device: Union[str, torch.device, None] = None, ov
     (fine-tuning). ``pretrained=False``: no weights are loaded (a hub name reads nothing; a file still gives its args).
 
     ``device``: where the model goes (None: CUDA when available, else the CPU). Returns a ``LoadedModel``; its
-    ``args`` hold the evaluation size (``val_size``, ``max_size``) and ``panoptic_threshold``. ``category_names``
-    are the checkpoint's (``main.py`` records the dataset's); the published checkpoints carry none: their classes
-    are COCO's (``published`` is set, ``args['dataset_file']`` says 'coco' or 'coco_panoptic'), whose names live in
-    ``datasets/`` (which ``models/`` does not import). Raises ``FileNotFoundError`` / ``ValueError`` /
+    ``args`` hold the evaluation size (``val_size``, ``max_size``) and ``panoptic_threshold``. ``thing_ids``: the
+    checkpoint's args', else those of a dataset known without its files (coco_panoptic: ids up to 90).
+    ``category_names``: the checkpoint's args' (``main.py`` records the dataset's); the published checkpoints carry
+    none: their classes are COCO's (``published`` is set, ``args['dataset_file']`` says 'coco' or 'coco_panoptic'),
+    whose names live in ``datasets/`` (which ``models/`` does not import), so an inference tool names them there.
+    Raises ``FileNotFoundError`` / ``ValueError`` /
     ``RuntimeError`` (``util.errors`` types, with a message saying what to do) for a missing file, a name that is no
     hub model, weights that do not fit, or a URL neither cached nor downloadable.
     """

@@ -80,9 +80,10 @@ def _parser_defaults() -> dict:
 def checkpoint_flags(checkpoint: dict) -> dict:
     """The ``ARCHITECTURE_FLAGS`` and ``SIZE_FLAGS`` of the run that wrote ``checkpoint``. A flag its args lack (the
     original's checkpoints predate ours) has the parser's default, which is the original's architecture and
-    evaluation size; num_classes, when they lack it, is read from the class head."""
+    evaluation size; num_classes, when they lack it, is read from the class head. A checkpoint without args (one
+    written by hand or another tool) records no run: only its class head's num_classes."""
     ckpt_args = checkpoint.get("args") or {}
-    defaults = _parser_defaults()
+    defaults = _parser_defaults() if ckpt_args else {}
     flags = {}
     for name in ARCHITECTURE_FLAGS + SIZE_FLAGS:
         if ckpt_args.get(name) is not None:
@@ -131,7 +132,10 @@ def take_checkpoint_flags(args, checkpoint: dict) -> dict:
 def architecture_differences(ckpt_args: dict, args) -> list[str]:
     """``ARCHITECTURE_FLAGS`` whose checkpoint value differs from this run's, in words. A flag the checkpoint's args
     lack (the original's checkpoints predate ours) counts with the parser's default, which is the original's
-    architecture; num_classes is compared only when the checkpoint records it."""
+    architecture; num_classes is compared only when the checkpoint records it. A checkpoint without args records
+    no architecture: none."""
+    if not ckpt_args:
+        return []
     defaults = _parser_defaults()
     differences = []
     for name in ARCHITECTURE_FLAGS:

@@ -53,6 +53,16 @@ def test_checkpoint_flags_of_the_originals_checkpoints():
     assert "backbone" not in args.defaults_applied and args.checkpoint_applied["backbone"] == "resnet50"
 
 
+
+def test_a_checkpoint_without_args_records_only_its_class_count():
+    # e.g. written by hand or by another tool: no run to take flags from, nothing to conflict with the given ones
+    bare = {"model": {"class_embed.bias": torch.zeros(5)}, "args": {}}
+    assert checkpoint_flags(bare) == {"num_classes": 4}
+    args = arguments.parse_args(["--eval", "--resume", "bare.pth", "--backbone", "resnet18", "--hidden_dim", "64"])
+    arguments.apply_dataset_recipe(args)
+    assert take_checkpoint_flags(args, bare) == {"num_classes": 4}
+    assert (args.backbone, args.hidden_dim, args.num_classes) == ("resnet18", 64, 4)
+
 def test_a_checkpoint_of_this_project_loads_with_its_args_and_categories(tmp_path):
     torch.manual_seed(0)
     args = tiny_args(val_size=96, max_size=160)

@@ -8,14 +8,10 @@ models and trained models can never drift apart. ``pretrained=True`` goes throug
 ``torch.hub.load_state_dict_from_url``: a file already in ``$TORCH_HOME/hub/checkpoints/`` is used offline.
 """
 from models.loader import PUBLISHED_URLS, load_model
-from util.args import KNOWN_THING_IDS
 
 dependencies = ["torch", "torchvision"]
 
-# COCO panoptic: category ids up to 90 are things, the rest (92..200) stuff, as the published models were trained
-COCO_PANOPTIC_THING_IDS = KNOWN_THING_IDS["coco_panoptic"]
-
-_URLS = PUBLISHED_URLS  # the published checkpoints by entrypoint (util/predict.py reads this name)
+_URLS = PUBLISHED_URLS  # the published checkpoints by entrypoint (tools/inference.py reads this name)
 
 
 def _make_detr(name: str, pretrained: bool, num_classes: int, threshold: float = 0.85):

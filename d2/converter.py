@@ -26,7 +26,6 @@ What changes (pure torch; Detectron2 is not needed to convert):
   (COCO: 91 ids + no-object = 92 rows, of which 80 are used; panoptic: 250 + 1 rows, of which 133 are used).
 """
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -38,24 +37,17 @@ if not __package__:  # run as a file (cd d2 && python converter.py ..., as the o
 import torch  # noqa: E402
 
 from d2.flags import NOT_BUILT  # noqa: E402
+from datasets.coco import load_json  # noqa: E402
+from datasets.coco_categories import COCO_CATEGORY_NAMES, COCO_PANOPTIC_CATEGORY_NAMES  # noqa: E402
 from util.args import get_args_parser as main_py_args_parser  # noqa: E402
 from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 # The 80 category ids of COCO detection (1..90 with 10 ids unused).
-COCO_DETECTION_IDS = [
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
-    35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63,
-    64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
-]
-# The 53 stuff category ids of COCO panoptic (after the 80 things).
-COCO_PANOPTIC_STUFF_IDS = [
-    92, 93, 95, 100, 107, 109, 112, 118, 119, 122, 125, 128, 130, 133, 138, 141, 144, 145, 147, 148, 149, 151,
-    154, 155, 156, 159, 161, 166, 168, 171, 175, 176, 177, 178, 180, 181, 184, 185, 186, 187, 188, 189, 190, 191,
-    192, 193, 194, 195, 196, 197, 198, 199, 200,
-]
-COCO_PANOPTIC_IDS = COCO_DETECTION_IDS + COCO_PANOPTIC_STUFF_IDS
+COCO_DETECTION_IDS = sorted(COCO_CATEGORY_NAMES)
+# The 133 of COCO panoptic: the 80 things, then 53 stuff ids (92..200).
+COCO_PANOPTIC_IDS = sorted(COCO_PANOPTIC_CATEGORY_NAMES)
 # class-head rows (classes + no-object) of the published models -> their category ids
 KNOWN_HEADS = {92: ("coco", COCO_DETECTION_IDS), 251: ("coco_panoptic", COCO_PANOPTIC_IDS)}
 
@@ -140,8 +132,7 @@ def resolve_categories(spec: str, num_rows: int) -> Optional[list[int]]:
 def _ids_from_json(path: Path) -> list[int]:
     if not path.is_file():
         raise FileNotFoundError(f"--categories: {path} not found")
-    with open(path) as f:
-        data = json.load(f)
+    data = load_json(path)
     cats = data.get("categories") if isinstance(data, dict) else None
     if not cats or not all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in cats):
         raise ConversionError(f"--categories {path}: expected a COCO-format file with a 'categories' list of "

@@ -46,6 +46,8 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from d2.detr import DetrDatasetMapper, add_detr_config  # noqa: E402
 from d2.detr.detr import load_frozen_weights  # noqa: E402
+from datasets.coco import load_json  # noqa: E402
+from util.checkpoint import atomic_write  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +135,7 @@ def register_datasets(args) -> None:
 def panoptic_metadata(panoptic_json: str) -> dict:
     """Detectron2's metadata of a COCO panoptic file: contiguous ids by increasing category id, things and stuff
     in one id space (as Detectron2's builtin COCO panoptic metadata)."""
-    with open(panoptic_json) as f:
-        categories = json.load(f).get("categories")
+    categories = load_json(panoptic_json).get("categories")
     if not categories or not all("id" in c and "isthing" in c and "name" in c for c in categories):
         raise ValueError(f"{panoptic_json}: expected a COCO panoptic file with 'categories' holding id, name and "
                          f"isthing")
@@ -163,11 +164,8 @@ def setup(args) -> CfgNode:
 def write_results(cfg: CfgNode, results: dict) -> None:
     """OUTPUT_DIR/eval_results.json: the evaluators' numbers (Detectron2's AP in percent), written atomically."""
     path = os.path.join(cfg.OUTPUT_DIR, "eval_results.json")
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(results, f, indent=1)
-    os.replace(tmp, path)
     logger.info("Evaluation results written to %s", path)
 
 

@@ -3,6 +3,7 @@
 The detection ids run from 1 to 90 with gaps (80 categories); COCO panoptic adds 53 "stuff" categories with
 ids 92..200. The things keep their detection ids and names, so the detection names are the panoptic ones up to 90.
 """
+from util.args import KNOWN_THING_IDS
 
 COCO_PANOPTIC_CATEGORY_NAMES: dict[int, str] = {
     1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
@@ -30,7 +31,7 @@ COCO_PANOPTIC_CATEGORY_NAMES: dict[int, str] = {
     200: "rug-merged",
 }
 
-COCO_CATEGORY_NAMES: dict[int, str] = {k: v for k, v in COCO_PANOPTIC_CATEGORY_NAMES.items() if k <= 90}
-
-# the panoptic things are exactly the detection categories
+# the panoptic things are exactly the detection categories (``util.args.KNOWN_THING_IDS``: ids up to 90)
+COCO_CATEGORY_NAMES: dict[int, str] = {k: v for k, v in COCO_PANOPTIC_CATEGORY_NAMES.items()
+                                       if k in KNOWN_THING_IDS["coco_panoptic"]}
 COCO_PANOPTIC_THING_IDS: list[int] = sorted(COCO_CATEGORY_NAMES)

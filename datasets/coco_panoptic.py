@@ -28,17 +28,12 @@ from pycocotools.coco import COCO
 
 from util.box_ops import masks_to_boxes
 from util.errors import UserFileNotFoundError, UserValueError
+from util.panoptic import rgb2id
 
 from .coco import (DatasetError, check_coco_annotations, coco_from_dict, load_image, load_json,
                    transforms_from_args)
 
 logger = logging.getLogger(__name__)
-
-
-def rgb2id(rgb: np.ndarray) -> np.ndarray:
-    """[H, W, 3] uint8 COCO panoptic PNG -> [H, W] int64 segment ids (id = R + 256 G + 256^2 B)."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
 def check_panoptic_annotations(data: Any, ann_file: Path, num_classes: Optional[int] = None) -> None:

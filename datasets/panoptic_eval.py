@@ -29,29 +29,26 @@ import logging
 import math
 import multiprocessing
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch.distributed as dist
 
+from util.checkpoint import atomic_write
 from util.dist import all_gather, get_rank, get_world_size, is_dist_avail_and_initialized
+from util.panoptic import import_panopticapi
+
+from .coco import load_json
 
 logger = logging.getLogger(__name__)
 
 GROUPS = (("All", None), ("Things", True), ("Stuff", False))
 IMAGES_PER_PROCESS = 250  # below this many images per process, a pool costs more than it saves
 MAX_PROCESSES = 8
-INSTALL_HINT = "pip install --no-deps panopticapi-lite==0.2.0"
 
 
 def _import_panopticapi():
-    try:
-        import panopticapi.evaluation
-    except ImportError as e:
-        raise ImportError(f"PQ evaluation needs panopticapi: `{INSTALL_HINT}` (its numpy<2 pin and extra "
-                          f"dependencies are not needed by the evaluation code)") from e
-    return panopticapi.evaluation
+    return import_panopticapi("evaluation", "PQ evaluation")
 
 
 def require_panopticapi() -> None:
@@ -59,22 +56,10 @@ def require_panopticapi() -> None:
     _import_panopticapi()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file, so a partial file never has the final name."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy / torch scalars in segments_info
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _load_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 class PanopticEvaluator:
@@ -116,7 +101,8 @@ class PanopticEvaluator:
             # with several processes a padded duplicate may be written by another process too: rank-tagged
             # names until rank 0 has chosen which copy counts (see synchronize_between_processes)
             name = final_name if world_size == 1 else f"{Path(final_name).stem}.rank{rank}.png"
-            _write_atomic(self.output_dir / name, p["png_string"])
+            with atomic_write(str(self.output_dir / name), durable=False) as f:  # one per image: no fsync
+                f.write(p["png_string"])
             self._final_names[image_id] = final_name
             self.predictions.append({"image_id": image_id, "file_name": name,
                                      "segments_info": [dict(s) for s in p["segments_info"]]})
@@ -182,8 +168,8 @@ class PanopticEvaluator:
             raise ValueError("PanopticEvaluator: no predictions to evaluate (update() was never given any)")
         self._finalize_files()
         predictions_json = self.output_dir / "predictions.json"
-        _write_atomic(predictions_json, json.dumps({"annotations": self.predictions},
-                                                   default=_json_default).encode())
+        with atomic_write(str(predictions_json), "w") as f:
+            json.dump({"annotations": self.predictions}, f, default=_json_default)
         gt_json = self._ground_truth_for_predictions()
         result = compute_pq(gt_json, predictions_json, self.gt_folder, self.output_dir, self.num_processes)
         logger.info("Panoptic quality over %d images (%s):\n%s", len(self.predictions), self.gt_json,
@@ -192,7 +178,7 @@ class PanopticEvaluator:
 
     def _ground_truth_for_predictions(self) -> Path:
         """The ground-truth JSON restricted to the predicted images (the file itself when they are all there)."""
-        gt = _load_json(self.gt_json)
+        gt = load_json(self.gt_json)
         gt_ids = {ann["image_id"] for ann in gt["annotations"]}
         predicted = {entry["image_id"] for entry in self.predictions}
         unknown = predicted - gt_ids
@@ -205,7 +191,8 @@ class PanopticEvaluator:
         subset = dict(gt, images=[img for img in gt["images"] if img["id"] in predicted],
                       annotations=[ann for ann in gt["annotations"] if ann["image_id"] in predicted])
         path = self.output_dir / "ground_truth_subset.json"
-        _write_atomic(path, json.dumps(subset).encode())
+        with atomic_write(str(path), "w") as f:
+            json.dump(subset, f)
         return path
 
 
@@ -222,7 +209,7 @@ def compute_pq(gt_json_file: Union[str, Path], pred_json_file: Union[str, Path],
     `panopticapi.evaluation.pq_compute(gt_json_file, pred_json_file, gt_folder, pred_folder)` (up to the order
     of float sums), quietly. Every annotated image of `gt_json_file` needs a prediction."""
     evaluation = _import_panopticapi()
-    gt, pred = _load_json(gt_json_file), _load_json(pred_json_file)
+    gt, pred = load_json(gt_json_file), load_json(pred_json_file)
     categories = {c["id"]: c for c in gt["categories"]}
     predictions = {ann["image_id"]: ann for ann in pred["annotations"]}
     missing = [ann["image_id"] for ann in gt["annotations"] if ann["image_id"] not in predictions]

@@ -108,7 +108,7 @@ class BackboneBase(nn.Module):
     ``train_all_layers``; nothing is trained when ``train_backbone`` is False. A ResNet with frozen batch norm
     runs with the norms folded into its convolutions (``fold_frozen_batch_norms``; same results, faster).
     With ``channels_last`` the trunk runs on channels-last tensors (faster convolutions on CPUs, see
-    util/benchmark.py); outputs are the same.
+    tools/benchmarks/cpu.py); outputs are the same.
     """
     folded: Final[bool]
     channels_last: Final[bool]
@@ -166,7 +166,7 @@ class Backbone(BackboneBase):
     ``last_layer`` 'layer4' (stride 32, the original) or 'layer3' (stride 16); ``blocks`` > 0 keeps only that many
     residual blocks per stage (0: all, the original); ``channels_last`` (default) runs
     the trunk on channels-last tensors: on CPU 0.8x the time of R50 inference at 800x1066 (with the folded norms,
-    0.65x of the plain trunk; util/benchmark.py), no slower in training.
+    0.65x of the plain trunk; tools/benchmarks/cpu.py), no slower in training.
     """
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,

@@ -11,6 +11,9 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss as _tv_sigmoid_focal_loss
 
 from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
+# id2rgb / rgb2id import panopticapi when first called (hub users without it can build every model); rgb2id is
+# also importable from here, as before
+from util.panoptic import id2rgb, import_panopticapi, rgb2id
 
 
 class DETRsegm(nn.Module):
@@ -223,17 +226,6 @@ class PostProcessSegm(nn.Module):
         return results
 
 
-def id2rgb(id_map: np.ndarray) -> np.ndarray:
-    """COCO panoptic id map [H, W] -> RGB [H, W, 3] uint8 (id = R + 256 G + 256^2 B)."""
-    id_map = id_map.astype(np.int64)
-    return np.stack([(id_map // 256 ** i) % 256 for i in range(3)], axis=-1).astype(np.uint8)
-
-
-def rgb2id(color: np.ndarray) -> np.ndarray:
-    color = color.astype(np.int64)
-    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
-
-
 class PostProcessPanoptic(nn.Module):
     """Merges the predicted masks into a COCO panoptic PNG + segments_info per image.
 
@@ -260,6 +252,7 @@ class PostProcessPanoptic(nn.Module):
     def forward(self, outputs: dict, processed_sizes, target_sizes=None) -> list[dict]:
         """processed_sizes: (h, w) of each image after augmentation, before padding; target_sizes: final
         (h, w) of the PNGs (default: processed_sizes). Returns per image {'png_string', 'segments_info'}."""
+        import_panopticapi("utils", "PostProcessPanoptic")  # before any work, with how to install it
         if target_sizes is None:
             target_sizes = processed_sizes
         if len(processed_sizes) != len(target_sizes):

@@ -1,5 +1,5 @@
-"""util.benchmark runs every row (tiny sizes); timings are printed, never asserted."""
-from util import benchmark
+"""tools.benchmarks.cpu runs every row (tiny sizes); timings are printed, never asserted."""
+from tools.benchmarks import cpu as benchmark
 
 
 def test_quick_benchmark_table_has_a_measured_row_for_each_chosen_section(capsys):
@@ -40,7 +40,7 @@ def test_plain_reference_is_the_unoptimised_path():
 
 
 def test_segm_memory_benchmark_runs_every_variant(capsys):
-    from util import bench_segm
+    from tools.benchmarks import segm as bench_segm
 
     # 100 queries upsampled at once to 400x532 hold 100 x 400 x 532 float32 logits (81 MiB); chunks of 10 hold a
     # tenth of them at a time (memory, not time). The rise is above the process's earlier peak (its imports), so
@@ -69,7 +69,7 @@ def test_flops_of_a_model_in_eval_mode_under_no_grad():
 
 def test_recipe_benchmark_compares_every_recipe_on_the_same_batches(tmp_path):
     from datasets.synthetic import generate
-    from util import bench_recipe
+    from tools.benchmarks import recipe as bench_recipe
 
     generate(tmp_path / "data", num_train=16, num_val=2, seed=0)
     text = bench_recipe.main(["--coco_path", str(tmp_path / "data"), "--flop_batches", "1", "--timed_steps", "1",

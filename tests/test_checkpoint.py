@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from models import build_model
-from util.checkpoint import checkpoint_paths, component_of, load_checkpoint, load_model_state, save_checkpoint
+from util.checkpoint import (atomic_write, checkpoint_paths, component_of, load_checkpoint, load_model_state,
+                              save_checkpoint)
 
 from conftest import tiny_args
 
@@ -93,6 +94,21 @@ def test_written_files_get_the_umask_permissions_and_reach_the_disk(tmp_path, mo
     assert oct(os.stat(tmp_path / "b.pth").st_mode & 0o777) == oct(0o664)
     # per file: the data first, then the folder holding the rename
     assert synced[:2] == [False, True] and len(synced) == 4
+
+
+def test_atomic_write_without_fsync_still_leaves_no_partial_file(tmp_path, monkeypatch):
+    def no_fsync(fd):
+        raise AssertionError("durable=False must not fsync")
+
+    monkeypatch.setattr(os, "fsync", no_fsync)
+    path = tmp_path / "out" / "a.png"
+    with atomic_write(str(path), durable=False) as f:
+        f.write(b"png")
+    assert path.read_bytes() == b"png"
+    with pytest.raises(RuntimeError), atomic_write(str(path), durable=False) as f:
+        f.write(b"half")
+        raise RuntimeError("interrupted")
+    assert path.read_bytes() == b"png" and os.listdir(path.parent) == ["a.png"]  # no temporary file left
 
 
 def test_save_on_master_writes_atomically_on_the_main_process(tmp_path):

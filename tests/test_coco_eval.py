@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from datasets.coco_eval import BACKEND_CHOICES, CocoEvaluator, hotcoco_available, resolve_backend
-from util.bench_coco_eval import benchmark_backends, synthetic_coco
+from tools.benchmarks.coco_eval import benchmark_backends, synthetic_coco
 
 H, W = 40, 50
 BACKENDS = ["pycocotools", pytest.param("hotcoco", marks=pytest.mark.skipif(

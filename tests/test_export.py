@@ -1,4 +1,4 @@
-"""Export (util.export): ONNX through onnxruntime, torch.export and TorchScript agree with PyTorch on image sizes and
+"""Export (tools.export): ONNX through onnxruntime, torch.export and TorchScript agree with PyTorch on image sizes and
 batches not seen at export time, padding mask included."""
 import time
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import build_model
-from util import export as E
+from tools import export as E
 
 from conftest import make_args, tiny_args
 

@@ -1,5 +1,5 @@
-"""The inference command and API (util.predict): outputs equal PostProcess on the model's outputs, COCO files that
-pycocotools reads, and the issue's "errors, not crashes" list."""
+"""The inference command and API (tools.predict, tools.inference): outputs equal PostProcess on the model's
+outputs, COCO files that pycocotools reads, and the issue's "errors, not crashes" list."""
 import json
 import logging
 import shutil
@@ -12,11 +12,14 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
+from datasets.coco_categories import COCO_CATEGORY_NAMES
 from datasets.synthetic import generate
 from datasets.transforms import make_coco_transforms
 from models import build_model
 from models.detr import PostProcess
-from util import predict as P
+from tools import predict as P
+from tools.images import ImageError, read_image
+from tools.inference import Predictor, predict, resolve_category_names
 from util.nested_tensor import nested_tensor_from_tensor_list
 
 from conftest import tiny_args
@@ -61,7 +64,7 @@ def unnamed_checkpoint(tmp_path_factory) -> Path:
 
 
 def reference(checkpoint: Path, images: list, threshold: float, batch_size: int = 1) -> list:
-    """PostProcess on the model's outputs, computed without util.predict: load, build, transform, forward."""
+    """PostProcess on the model's outputs, computed without tools.inference: load, build, transform, forward."""
     ckpt = torch.load(checkpoint, weights_only=True)
     args = synthetic_args(aux_loss=False)
     model, _, _ = build_model(args)
@@ -122,7 +125,7 @@ def test_batches_of_different_sizes_equal_postprocess_of_the_padded_batch(tmp_pa
     for k, (src, (h, w)) in enumerate(zip(sources, sizes)):
         PIL.Image.open(src).crop((0, 0, w, h)).save(folder / f"{k + 1:03d}.png")
     images = sorted(folder.glob("*.png"))
-    predictions = P.Predictor.from_checkpoint(str(checkpoint), device="cpu")(folder, score_threshold=0.0,
+    predictions = Predictor.from_checkpoint(str(checkpoint), device="cpu")(folder, score_threshold=0.0,
                                                                             batch_size=2)
     expected = reference(checkpoint, images, threshold=0.0, batch_size=2)
     assert [p.size for p in predictions] == sizes
@@ -136,14 +139,14 @@ def test_inputs_paths_pil_and_tensors_give_the_same_predictions(data, checkpoint
     path = sorted((data / "val2017").glob("*.jpg"))[0]
     image = PIL.Image.open(path).convert("RGB")
     as_uint8 = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-    predictor = P.Predictor.from_checkpoint(str(checkpoint), device="cpu")
+    predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu")
     preds = predictor([path, image, as_uint8, as_uint8.float() / 255], score_threshold=0.0)
     assert [p.source for p in preds] == [str(path), "<input 1>", "<input 2>", "<input 3>"]
     for p in preds[1:]:
         torch.testing.assert_close(p.boxes, preds[0].boxes)
-    with pytest.raises(P.ImageError, match=r"values in \[0, 1\].*not normalised"):
+    with pytest.raises(ImageError, match=r"values in \[0, 1\].*not normalised"):
         predictor([(as_uint8.float() / 255 - 0.45) / 0.22])
-    with pytest.raises(P.ImageError, match=r"\[3, H, W\]"):
+    with pytest.raises(ImageError, match=r"\[3, H, W\]"):
         predictor([torch.zeros(64, 64)])
 
 
@@ -195,22 +198,22 @@ def test_existing_results_are_not_overwritten_without_overwrite(tmp_path, data, 
 
 def test_checkpoint_without_names_gives_numeric_labels_said_once(tmp_path, data, unnamed_checkpoint, caplog):
     with caplog.at_level(logging.WARNING):
-        preds = P.Predictor.from_checkpoint(str(unnamed_checkpoint), device="cpu")(data / "val2017",
+        preds = Predictor.from_checkpoint(str(unnamed_checkpoint), device="cpu")(data / "val2017",
                                                                                   score_threshold=0.0)
     assert sum(len(p.names) for p in preds) > 0
     assert all(p.names == [str(label) for label in p.labels.tolist()] for p in preds)
     assert caplog.text.count("category names unknown") == 1
     # names given by the caller win; 'coco' is COCO's
-    coco = P.Predictor.from_checkpoint(str(unnamed_checkpoint), device="cpu", category_names="coco")
+    coco = Predictor.from_checkpoint(str(unnamed_checkpoint), device="cpu", category_names="coco")
     assert coco.category_names[1] == "person" and coco.category_names[90] == "toothbrush"
 
 
 def test_category_names_from_a_coco_annotation_file(data, unnamed_checkpoint):
     ann = data / "annotations" / "instances_val2017.json"
-    predictor = P.Predictor.from_checkpoint(str(unnamed_checkpoint), device="cpu", category_names=str(ann))
+    predictor = Predictor.from_checkpoint(str(unnamed_checkpoint), device="cpu", category_names=str(ann))
     assert predictor.category_names == NAMES
     with pytest.raises(ValueError, match="expected 'coco', 'coco_panoptic' or a JSON file"):
-        P.resolve_category_names("no-such-file.json")
+        resolve_category_names("no-such-file.json")
 
 
 def _save(array: np.ndarray, path: Path, mode=None) -> Path:
@@ -233,16 +236,16 @@ def test_grayscale_rgba_palette_and_16_bit_images_are_converted(tmp_path):
 
     assert PIL.Image.open(sixteen).mode.startswith("I")  # the case PIL's own convert('RGB') would clip
     for path in (gray, rgba, palette, sixteen, cmyk):
-        image = P.read_image(path)
+        image = read_image(path)
         assert image.mode == "RGB" and image.size == PIL.Image.open(path).size, path
-    assert np.array_equal(np.asarray(P.read_image(gray))[..., 1], rgb[..., 0])
-    assert np.array_equal(np.asarray(P.read_image(rgba)), rgb)  # alpha dropped, colours kept
-    assert np.asarray(P.read_image(sixteen))[0, :, 0].tolist() == [0, 1, 128, 255]  # 16 bits scaled, not clipped
+    assert np.array_equal(np.asarray(read_image(gray))[..., 1], rgb[..., 0])
+    assert np.array_equal(np.asarray(read_image(rgba)), rgb)  # alpha dropped, colours kept
+    assert np.asarray(read_image(sixteen))[0, :, 0].tolist() == [0, 1, 128, 255]  # 16 bits scaled, not clipped
 
 
 def test_huge_image_is_resized_as_evaluation_and_bombs_are_skipped(tmp_path, checkpoint, monkeypatch):
     big = _save(np.full((1500, 2400, 3), 90, np.uint8), tmp_path / "big.png")
-    predictor = P.Predictor.from_checkpoint(str(checkpoint), device="cpu")  # val_size 64, max_size 100
+    predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu")  # val_size 64, max_size 100
     pred = predictor(big, score_threshold=0.0)[0]
     # short side round(100 * 1500 / 2400) = 62 so that the long side stays within max_size, long side int(62 * 1.6)
     assert pred.size == (1500, 2400) and pred.input_size == (62, 99)
@@ -257,13 +260,13 @@ def test_huge_image_is_resized_as_evaluation_and_bombs_are_skipped(tmp_path, che
 
 def test_amp_bf16_runs_the_forward_under_autocast(data, checkpoint):
     image = sorted((data / "val2017").glob("*.jpg"))[0]
-    fp32 = P.Predictor.from_checkpoint(str(checkpoint), device="cpu")(image, score_threshold=0.0)[0]
-    bf16 = P.Predictor.from_checkpoint(str(checkpoint), device="cpu", amp="bf16")(image, score_threshold=0.0)[0]
+    fp32 = Predictor.from_checkpoint(str(checkpoint), device="cpu")(image, score_threshold=0.0)[0]
+    bf16 = Predictor.from_checkpoint(str(checkpoint), device="cpu", amp="bf16")(image, score_threshold=0.0)[0]
     assert bf16.boxes.dtype == torch.float32
     assert not torch.equal(bf16.boxes, fp32.boxes)  # another precision did run
     torch.testing.assert_close(bf16.boxes, fp32.boxes, atol=4.0, rtol=0)  # pixels of a 64-pixel image
     with pytest.raises(ValueError, match="amp must be one of"):
-        P.Predictor.from_checkpoint(str(checkpoint), device="cpu", amp="fp8")
+        Predictor.from_checkpoint(str(checkpoint), device="cpu", amp="fp8")
 
 
 def test_segmentation_model_gives_masks_and_panoptic_files(tmp_path, data):
@@ -292,7 +295,7 @@ def test_segmentation_model_gives_masks_and_panoptic_files(tmp_path, data):
         ids = set(np.unique(png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]).tolist())
         assert ann["segments_info"] and ids == {s["id"] for s in ann["segments_info"]}
 
-    pred = P.Predictor.from_checkpoint(str(ckpt), device="cpu", panoptic_threshold=0.0)(
+    pred = Predictor.from_checkpoint(str(ckpt), device="cpu", panoptic_threshold=0.0)(
         sorted((data / "val2017").glob("*.jpg"))[0], score_threshold=0.1)[0]
     assert pred.masks.shape == (len(pred.scores),) + pred.size and pred.masks.dtype == torch.bool
     assert pred.panoptic["segmentation"].shape == pred.size
@@ -301,18 +304,18 @@ def test_segmentation_model_gives_masks_and_panoptic_files(tmp_path, data):
 
 def test_hub_models_are_labelled_with_coco_names(data):
     image = sorted((data / "val2017").glob("*.jpg"))[0]
-    predictor = P.Predictor.from_hub("detr_resnet50", pretrained=False, device="cpu", val_size=64, max_size=100)
+    predictor = Predictor.from_hub("detr_resnet50", pretrained=False, device="cpu", val_size=64, max_size=100)
     assert predictor.category_names[18] == "dog"
     pred = predictor(image, score_threshold=0.0)[0]
-    assert len(pred.names) == 100 and all(n == P.COCO_CATEGORY_NAMES.get(int(label), str(int(label)))
+    assert len(pred.names) == 100 and all(n == COCO_CATEGORY_NAMES.get(int(label), str(int(label)))
                                           for n, label in zip(pred.names, pred.labels))
     # a bare model (e.g. from torch.hub.load): the caller says what its classes are
-    again = P.predict(predictor.model, image, score_threshold=0.0, category_names="coco", val_size=64, max_size=100)
+    again = predict(predictor.model, image, score_threshold=0.0, category_names="coco", val_size=64, max_size=100)
     assert again[0].names == pred.names
-    assert P.predict(predictor.model, image, score_threshold=0.0, val_size=64, max_size=100)[0].names == [
+    assert predict(predictor.model, image, score_threshold=0.0, val_size=64, max_size=100)[0].names == [
         str(int(label)) for label in pred.labels]
     with pytest.raises(ValueError, match="unknown hub model"):
-        P.Predictor.from_hub("detr_resnet18")
+        Predictor.from_hub("detr_resnet18")
 
 
 def test_published_checkpoint_gets_coco_names_and_its_class_count(tmp_path, data):
@@ -326,9 +329,9 @@ def test_published_checkpoint_gets_coco_names_and_its_class_count(tmp_path, data
     path = tmp_path / "detr-r50-e632da11.pth"
     torch.save({"model": hubconf.detr_resnet50().state_dict(),
                 "args": argparse.Namespace(backbone="resnet50", dataset_file="coco", masks=False, lr=1e-4)}, path)
-    predictor = P.Predictor.from_checkpoint(str(path), device="cpu", val_size=64, max_size=100)
+    predictor = Predictor.from_checkpoint(str(path), device="cpu", val_size=64, max_size=100)
     assert predictor.model.class_embed.out_features == 92
-    assert predictor.category_names == P.COCO_CATEGORY_NAMES
+    assert predictor.category_names == COCO_CATEGORY_NAMES
     pred = predictor(sorted((data / "val2017").glob("*.jpg"))[0], score_threshold=0.0)[0]
     assert len(pred.names) == 100
 
@@ -340,7 +343,7 @@ def test_progress_bar_on_folders(data, checkpoint, capsys, tmp_path):
 
     folder = Path(shutil.copytree(data / "val2017", tmp_path / "images"))  # 4 images
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
-    predictor = P.Predictor.from_checkpoint(str(checkpoint), device="cpu")
+    predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu")
     capsys.readouterr()
     quiet = predictor(folder, score_threshold=0.0, batch_size=2)
     assert "/5" not in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Attention maps (util.predict with attention=True) and the drawings of util.visualize."""
+"""Attention maps (tools.inference with attention=True) and the drawings of tools.visualize."""
 import io
 import math
 
@@ -9,8 +9,8 @@ import torch
 
 from datasets.transforms import make_coco_transforms
 from models import build_model
-from util import visualize as V
-from util.predict import Prediction, Predictor
+from tools import visualize as V
+from tools.inference import Prediction, Predictor
 
 from conftest import tiny_args
 

@@ -160,9 +160,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 # that a model builds from ``get_args_parser().parse_args([...])`` alone, as the original's did. Other datasets
 # (synthetic, any COCO-format folder) take theirs from their annotation file: ``datasets.default_num_classes``.
 KNOWN_NUM_CLASSES: dict[str, int] = {"coco": 91, "coco_panoptic": 250}
-# the thing category ids of the same datasets where they have stuff too: COCO panoptic's ids up to 90 are things,
-# the rest (92..200) stuff, as the original's panoptic post-processor had it (``i <= 90``)
-KNOWN_THING_IDS: dict[str, list[int]] = {"coco_panoptic": list(range(91))}
+# the thing category ids of the same datasets where they have stuff too: COCO panoptic's things are COCO's detection
+# categories (ids up to 90), the rest (92..200) stuff, as the original's panoptic post-processor had it (``i <= 90``).
+# datasets/coco_categories.py splits its names table by this one.
+KNOWN_THING_IDS: dict[str, list[int]] = {"coco_panoptic": list(range(KNOWN_NUM_CLASSES["coco"]))}
 
 
 # Model/training flags for the embedded synthetic dataset on a CPU, applied to every flag the user did not set.

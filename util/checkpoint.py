@@ -86,13 +86,15 @@ def load_checkpoint(path_or_url: str, local_path_ok: bool = True) -> dict:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
     """Open ``path`` for writing so that it appears complete or not at all.
 
     The data goes to a temporary file beside it (created like a normal ``open()``, so it gets the usual permissions
     under the user's umask, unlike ``tempfile.mkstemp``'s 0600), is flushed to disk, then renamed over ``path``;
     the folder is flushed too, so a crash or a power loss leaves either the old or the new file, never an empty one.
-    On any error the temporary file is removed and ``path`` is untouched.
+    On any error the temporary file is removed and ``path`` is untouched. ``durable=False`` skips the two flushes
+    to disk (still never a partial file under the final name; a power loss may lose it): for many small files
+    that a rerun writes again, e.g. an evaluation's per-image PNGs, where an fsync each costs more than the write.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -100,10 +102,12 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     try:
         with open(tmp, "x" + mode.replace("w", "")) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_folder(folder)
+        if durable:
+            _fsync_folder(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

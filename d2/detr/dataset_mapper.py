@@ -23,6 +23,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
 
 from util.box_ops import masks_to_boxes
+from util.panoptic import rgb2id
 
 __all__ = ["DetrDatasetMapper", "build_augmentations"]
 
@@ -65,9 +66,8 @@ class DetrDatasetMapper:
         utils.check_image_size(dataset_dict, image)
         pan_seg = None
         if self.is_train and "pan_seg_file_name" in dataset_dict:
-            # COCO panoptic PNG -> segment ids (id = R + 256 G + 256^2 B), transformed like a semantic map
-            rgb = utils.read_image(dataset_dict.pop("pan_seg_file_name"), "RGB").astype(np.int64)
-            pan_seg = (rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]).astype(np.float64)
+            # COCO panoptic PNG -> segment ids, transformed like a semantic map
+            pan_seg = rgb2id(utils.read_image(dataset_dict.pop("pan_seg_file_name"), "RGB")).astype(np.float64)
 
         augs = self.crop if self.crop and np.random.rand() < 0.5 else self.plain
         aug_input = T.AugInput(image, sem_seg=pan_seg)

@@ -29,6 +29,7 @@ from models.transformer import Transformer
 from util.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from util.checkpoint import load_checkpoint
 from util.nested_tensor import NestedTensor
+from util.panoptic import rgb2id
 
 __all__ = ["Detr", "MaskedBackbone", "load_frozen_weights"]
 
@@ -226,8 +227,7 @@ class Detr(nn.Module):
 def _decode_panoptic(pred: dict) -> tuple[Tensor, list[dict]]:
     """PostProcessPanoptic's PNG (COCO panoptic format, id = R + 256 G + 256^2 B) -> Detectron2's
     (id map [H, W] int32, segments_info with contiguous category ids)."""
-    rgb = np.asarray(Image.open(io.BytesIO(pred["png_string"])).convert("RGB"), dtype=np.int64)
-    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+    ids = rgb2id(np.asarray(Image.open(io.BytesIO(pred["png_string"])).convert("RGB")))
     return torch.from_numpy(ids.astype(np.int32)), [dict(s) for s in pred["segments_info"]]
 
 

@@ -1,10 +1,10 @@
 """COCO evaluation speed, side by side: every available CocoEvaluator backend on the same generated detections.
 
-    python -m util.bench_coco_eval                       # 5,000 images x 100 detections, bbox
-    python -m util.bench_coco_eval --num_images 500 --iou_type segm --height 120 --width 160
+    python -m tools.benchmarks.coco_eval                 # 5,000 images x 100 detections, bbox
+    python -m tools.benchmarks.coco_eval --num_images 500 --iou_type segm --height 120 --width 160
 
 `synthetic_coco()` generates a deterministic ground truth and DETR-like predictions with numpy (tests use it for
-the backend-equality checks); `benchmark_backends()` returns the timings as a dict for `util.benchmark`.
+the backend-equality checks); `benchmark_backends()` returns the timings as a dict for `tools.benchmarks.cpu`.
 """
 import argparse
 import contextlib

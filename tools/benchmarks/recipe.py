@@ -1,7 +1,7 @@
 """Training compute and step time of the synthetic recipe next to the previous ones, side by side in one run.
 
-    python -m util.bench_recipe                      # 32 batches for the FLOP count, 3 x 10 timed steps
-    python -m util.bench_recipe --flop_batches 8 --timed_steps 4 --repeats 1     # quicker
+    python -m tools.benchmarks.recipe                # 32 batches for the FLOP count, 3 x 10 timed steps
+    python -m tools.benchmarks.recipe --flop_batches 8 --timed_steps 4 --repeats 1     # quicker
 
 For each recipe (``RECIPES``: the synthetic recipe before the speed work, the intermediate one, today's
 ``util.args.SYNTHETIC_RECIPE``) it builds the model and criterion as ``main.py`` does and, on the same training

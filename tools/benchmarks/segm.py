@@ -1,6 +1,6 @@
 """Peak memory of the mask post-processing (``PostProcessSegm``) for one image, variant by variant.
 
-    python -m util.bench_segm                       # 100 queries, an 800x1066 image (DETR's COCO evaluation size)
+    python -m tools.benchmarks.segm                 # 100 queries, an 800x1066 image (DETR's COCO evaluation size)
 
 The original upsamples the mask logits of every query of the batch to the padded image size at once;
 ``PostProcessSegm(chunk_size=100)`` does the same for 100 queries, so it stands for the original here. Each variant
@@ -41,7 +41,7 @@ def peak_rise_mib(num_queries: int, height: int, width: int, kwargs: dict) -> fl
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
-    parser = argparse.ArgumentParser("python -m util.bench_segm", description=__doc__,
+    parser = argparse.ArgumentParser("python -m tools.benchmarks.segm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_queries", default=100, type=int)
     parser.add_argument("--height", default=800, type=int)
@@ -54,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     print(f"CPU: {cpu_name()}; {args.num_queries} queries, image {args.height}x{args.width}")
     rows = []
     for name, kwargs in VARIANTS.items():
-        out = subprocess.run([sys.executable, "-m", "util.bench_segm", "--num_queries", str(args.num_queries),
+        out = subprocess.run([sys.executable, "-m", "tools.benchmarks.segm", "--num_queries", str(args.num_queries),
                               "--height", str(args.height), "--width", str(args.width), "--child", json.dumps(kwargs)],
                              check=True, capture_output=True, text=True)
         rows.append({"variant": name, "peak_mib": float(out.stdout.strip().splitlines()[-1])})

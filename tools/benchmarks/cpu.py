@@ -1,8 +1,8 @@
 """Speed of DETR on this machine, measured side by side in one run: one table of ratios.
 
-    python -m util.benchmark                # everything below (about 10 minutes on 2 CPU cores)
-    python -m util.benchmark --compile      # also torch.compile (adds minutes of compilation)
-    python -m util.benchmark --quick        # tiny sizes: checks that every row runs (the tests use it)
+    python -m tools.benchmarks.cpu            # everything below (about 10 minutes on 2 CPU cores)
+    python -m tools.benchmarks.cpu --compile  # also torch.compile (adds minutes of compilation)
+    python -m tools.benchmarks.cpu --quick    # tiny sizes: checks that every row runs (the tests use it)
 
 Rows: the machine (CPU model, the ISA flags that matter, measured matmul peak per dtype); R50 inference at
 800x1066, batch 1 (our plain fp32 path, our optimised fp32 path = what a hub model in eval mode does, bf16 and fp16
@@ -201,7 +201,7 @@ def r50_train_step(table: Table, peaks: dict, quick: bool) -> None:
 
 
 def coco_evaluation(table: Table, quick: bool) -> None:
-    from util.bench_coco_eval import benchmark_backends
+    from tools.benchmarks.coco_eval import benchmark_backends
 
     n = 200 if quick else 5000
     table.section(f"COCO evaluation, {n} images x 100 detections (bbox)")

@@ -1,8 +1,8 @@
 """Export a DETR for deployment: ONNX, torch.export (.pt2) or TorchScript, with dynamic batch and image size.
 
-    python -m util.export --resume runs/synthetic/checkpoint.pth --format onnx --output detr.onnx --check
-    python -m util.export --hub detr_resnet50 --format export --output detr_r50.pt2
-    python -m util.export --resume checkpoint.pth --format torchscript --output detr.ts
+    python -m tools.export --resume runs/synthetic/checkpoint.pth --format onnx --output detr.onnx --check
+    python -m tools.export --hub detr_resnet50 --format export --output detr_r50.pt2
+    python -m tools.export --resume checkpoint.pth --format torchscript --output detr.ts
 
 Every format has one signature, padding mask included so that a batch of images of different sizes runs as in
 evaluation:
@@ -14,7 +14,7 @@ evaluation:
     outputs: logits [B, num_queries, num_classes + 1] (the last class is "no object")
              boxes  [B, num_queries, 4] (cx, cy, w, h) normalised by each image's unpadded size
 
-(``util.predict`` does the same pre- and post-processing: softmax over the classes, drop the last, scale the boxes.)
+(``tools.inference`` does the same pre- and post-processing: softmax over the classes, drop the last, scale the boxes.)
 Only the box model is exported; the mask head of a segmentation model is not.
 
 ``--check`` runs the exported model (ONNX through onnxruntime) on two image sizes and a padded batch of two sizes,
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from models.segmentation import DETRsegm
+from util.checkpoint import atomic_write
 from util.nested_tensor import NestedTensor, nested_tensor_from_tensor_list
 
 logger = logging.getLogger(__name__)
@@ -138,15 +139,8 @@ def export_onnx(model: nn.Module, path: str, opset: Optional[int] = None) -> Non
         onnx_program = torch.onnx.export(program, example_inputs(), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
                                          dynamic_shapes=dynamic_shapes(), opset_version=opset, dynamo=True,
                                          external_data=False, verbose=False)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:  # onnx writes by name: a temporary file beside the target, renamed when complete
-        onnx_program.save(tmp, external_data=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:  # onnx writes by name: into atomic_write's temporary file, renamed when complete
+        onnx_program.save(f.name, external_data=False)
 
 
 def export_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
@@ -160,8 +154,6 @@ def export_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
 def export(model: nn.Module, fmt: str, path: str, opset: Optional[int] = None) -> None:
     """Write ``model`` in format ``fmt`` ('onnx', 'export' (a torch.export .pt2 archive) or 'torchscript') to
     ``path`` (a complete file or none)."""
-    from util.checkpoint import atomic_write
-
     model = model.eval()
     if fmt == "onnx":
         export_onnx(model, path, opset)
@@ -224,12 +216,11 @@ def compare(model: nn.Module, runner, cases: Optional[List[Tuple[Tensor, Tensor]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("python -m util.export", description=__doc__,
+    from tools.inference import add_model_arguments
+
+    parser = argparse.ArgumentParser("python -m tools.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--resume", help="checkpoint to export (path or URL; this repository's or the original's)")
-    source.add_argument("--hub", help="published model by hub name (detr_resnet50, ...), from the torch hub cache "
-                                      "or downloaded")
+    add_model_arguments(parser, "export")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="onnx, export (torch.export .pt2 archive) or torchscript")
     parser.add_argument("--output", required=True, help="file to write")
@@ -241,8 +232,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
+    from tools.inference import Predictor
     from util.logger import setup_logging
-    from util.predict import Predictor
 
     setup_logging()
     args = get_args_parser().parse_args(argv)

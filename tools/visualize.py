@@ -1,8 +1,8 @@
 """Drawings of predictions and of DETR's attention, as in the paper's figures (matplotlib's Agg canvas: never a
 window; figures are returned, so a notebook can show them too).
 
-    from util.predict import Predictor
-    from util.visualize import plot_prediction, plot_attention, save_figure
+    from tools.inference import Predictor
+    from tools.visualize import plot_prediction, plot_attention, save_figure
     p = Predictor.from_checkpoint("runs/synthetic/checkpoint.pth")("image.jpg", attention=True)[0]
     save_figure(plot_prediction(p), "boxes.png")          # boxes, names and scores (+ masks / panoptic segments)
     save_figure(plot_attention(p), "attention.png")       # decoder cross-attention of each detection (the paper's

@@ -1,7 +1,7 @@
-"""Inference throughput of ``python -m util.predict`` next to plain loops over ``model(...)``, side by side.
+"""Inference throughput of ``python -m tools.predict`` next to plain loops over ``model(...)``, side by side.
 
-    python -m util.bench_predict                                  # 100 synthetic images, synthetic-recipe model
-    python -m util.bench_predict --resume runs/synthetic/checkpoint.pth --num_images 100 --repeats 3
+    python -m tools.benchmarks.predict                            # 100 synthetic images, synthetic-recipe model
+    python -m tools.benchmarks.predict --resume runs/synthetic/checkpoint.pth --num_images 100 --repeats 3
 
 Without --resume the model is the synthetic recipe's (``util.args.SYNTHETIC_RECIPE``) with random weights: the
 same computation as a trained one, except for how many detections pass the threshold (and so get drawn).
@@ -45,9 +45,10 @@ def variants(checkpoint: str, folder: Path, out: Path) -> Dict[str, Callable[[],
     """name -> a function that processes every image of ``folder`` once and returns its wall time in seconds."""
     from datasets.transforms import make_coco_transforms
     from models.detr import PostProcess
-    from util import predict
+    from tools import predict
+    from tools.inference import Predictor
 
-    predictor = predict.Predictor.from_checkpoint(checkpoint, device="cpu")
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
     model = predictor.model
     files = sorted(folder.glob("*.jpg"))
     transform = make_coco_transforms("val", val_size=predictor.val_size, max_size=predictor.max_size)
@@ -81,9 +82,9 @@ def variants(checkpoint: str, folder: Path, out: Path) -> Dict[str, Callable[[],
     return {
         "model(...) loop, tensors in memory": bare_loop,
         "read + model + PostProcess loop": script_loop,
-        "util.predict --no_draw": command("--no_draw"),
-        "util.predict --no_draw --batch_size 4": command("--no_draw", "--batch_size", "4"),
-        "util.predict (PNGs)": command(),
+        "tools.predict --no_draw": command("--no_draw"),
+        "tools.predict --no_draw --batch_size 4": command("--no_draw", "--batch_size", "4"),
+        "tools.predict (PNGs)": command(),
     }
 
 
@@ -97,7 +98,8 @@ def benchmark(checkpoint: Optional[str] = None, num_images: int = 100, image_siz
         if checkpoint is None:
             checkpoint = str(synthetic_checkpoint(tmp / "random.pth"))
         runs = variants(checkpoint, data / "val2017", tmp / "out")
-        logging.getLogger("util.predict").setLevel(logging.WARNING)  # one summary line per command run otherwise
+        for name in ("tools.predict", "tools.inference", "tools.images"):  # else a few lines per command run
+            logging.getLogger(name).setLevel(logging.WARNING)
         times: Dict[str, list] = {name: [] for name in runs}
         for name, run in runs.items():  # warm-up
             run()
@@ -114,7 +116,7 @@ def benchmark(checkpoint: Optional[str] = None, num_images: int = 100, image_siz
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
-    parser = argparse.ArgumentParser("python -m util.bench_predict", description=__doc__,
+    parser = argparse.ArgumentParser("python -m tools.benchmarks.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resume", default=None, help="checkpoint (default: the synthetic recipe, random weights)")
     parser.add_argument("--num_images", default=100, type=int)

@@ -27,7 +27,6 @@ Copy-pasteable commands (run from the repository root):
         --masks --frozen_weights runs/panoptic_box/checkpoint.pth --epochs 25 --lr_drop 15 --output_dir runs/panoptic
 """
 import argparse
-import copy
 import datetime
 import json
 import logging
@@ -49,34 +48,21 @@ from datasets.recipes import apply_dataset_recipe
 from datasets.samplers import GroupedBatchSampler, aspect_ratio_groups
 from engine import evaluate, train_one_epoch
 from models import build_model
-from models.backbone import load_backbone_weights
+from models.loader import load_initial_weights, load_weights, take_checkpoint_flags
 from util import args as arguments
 from util.amp import grad_scaler, warn_if_emulated
 from util.args import check_args, get_args_parser, parse_args  # noqa: F401  (main.get_args_parser, as the original)
-from util.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from util.checkpoint import checkpoint_dict, checkpoint_paths, load_checkpoint, resume_training_state, save_checkpoint
 from util.compile import CompiledOrEager
 from util.dist import (barrier, destroy_distributed, get_rank, get_world_size, init_distributed_mode, is_main_process,
                        local_main_first, wait_at_test_gate)
-from util.errors import UserValueError, user_errors_as_messages
+from util.errors import user_errors_as_messages
 from util.git import get_sha
 from util.logger import log_start, setup_logging
 from util.nested_tensor import collate_fn
 from util.two_stage import train_two_stages, two_stages_apply
 
 logger = logging.getLogger(__name__)
-
-# What --resume restores beyond the weights; flags given on the command line may override it (see resume()).
-SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "clip_max_norm", "warmup_iters",
-                  "accum_steps")
-# Flags that shape the box model: --frozen_weights must come from a model built with the same ones; a --resume
-# whose weights do not fit names those that differ (load_architecture).
-ARCHITECTURE_FLAGS = ("backbone", "dilation", "backbone_norm", "backbone_last_layer", "backbone_blocks",
-                      "position_embedding", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
-                      "pre_norm", "num_queries", "query_groups", "pos_at_input", "spatial_prior", "num_classes")
-# What --resume also takes from the checkpoint for each flag not given: the size its run evaluated at
-SIZE_FLAGS = ("val_size", "max_size")
-# the original's other names for the same choice
-FLAG_ALIASES = {"position_embedding": {"v2": "sine", "v3": "learned"}}
 
 
 def seed_everything(seed: int) -> None:
@@ -122,208 +108,24 @@ def build_loaders(args):
     return loader_train, sampler_train, loader_val, dataset_val
 
 
-def checkpoint_flags(checkpoint: dict) -> dict:
-    """The ``ARCHITECTURE_FLAGS`` and ``SIZE_FLAGS`` of the run that wrote ``checkpoint``. A flag its args lack (the
-    original's checkpoints predate ours) has the parser's default, which is the original's architecture and
-    evaluation size; num_classes, when they lack it, is read from the class head."""
-    ckpt_args = checkpoint.get("args") or {}
-    defaults = vars(get_args_parser().parse_args([]))
-    flags = {}
-    for name in ARCHITECTURE_FLAGS + SIZE_FLAGS:
-        if ckpt_args.get(name) is not None:
-            flags[name] = ckpt_args[name]
-        elif defaults.get(name) is not None:
-            flags[name] = defaults[name]
-    if "num_classes" not in flags:
-        for key in ("class_embed.bias", "detr.class_embed.bias"):
-            if key in checkpoint["model"]:
-                flags["num_classes"] = int(checkpoint["model"][key].shape[0]) - 1
-                break
-    return flags
 
 
-def take_checkpoint_flags(args, checkpoint: dict) -> dict:
-    """--resume: every ``ARCHITECTURE_FLAGS`` and ``SIZE_FLAGS`` flag not given (``util.args.given_flags``) takes the
-    checkpoint's value, over a dataset recipe's; recorded in ``args.checkpoint_applied`` (what changed) and
-    returned. A given architecture flag that differs from the checkpoint's is an error naming both values, a given
-    size a warning. Done before the model is built."""
-    given = arguments.given_flags(args)
-    applied, conflicts = {}, []
-    for name, theirs in checkpoint_flags(checkpoint).items():
-        ours = getattr(args, name, None)
-        aliases = FLAG_ALIASES.get(name, {})
-        if name not in given:
-            if ours != theirs:
-                applied[name] = theirs
-            setattr(args, name, copy.deepcopy(theirs))
-            (args.defaults_applied or {}).pop(name, None)
-        elif aliases.get(theirs, theirs) != aliases.get(ours, ours):
-            if name in SIZE_FLAGS:
-                logger.warning("--%s %s: the checkpoint's run evaluated at --%s %s (leave the flag out to use it)",
-                               name, ours, name, theirs)
-            else:
-                conflicts.append(f"--{name}: checkpoint {theirs!r}, this run {ours!r}")
-    if conflicts:
-        raise UserValueError("\n".join([f"--resume {args.resume} was trained with other architecture flags than the "
-                                     f"ones given here; leave them out (the checkpoint's apply) or give its values:"]
-                                    + [f"  {c}" for c in conflicts]
-                                    + (["  (to train on another number of classes from its weights, use --finetune)"]
-                                       if any(c.startswith("--num_classes") for c in conflicts) else [])))
-    args.checkpoint_applied = applied
-    return applied
 
 
-def resume(args, model_without_ddp, optimizer, lr_scheduler, scaler=None, checkpoint: Optional[dict] = None) -> None:
-    """--resume: model, and unless --eval, optimizer, lr scheduler, epoch and schedule (and the fp16 gradient
-    scaler); says what was restored. ``checkpoint``: the file's content when already read (else it is read)."""
-    if checkpoint is None:
-        checkpoint = load_checkpoint(args.resume)
-    load_architecture(model_without_ddp, checkpoint, args, "--resume", args.resume, require_same=False)
-    restored = ["model"]
-    if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        args.start_epoch = checkpoint["epoch"] + 1
-        restored += ["optimizer", "lr_scheduler", f"epoch (continuing at epoch {args.start_epoch})"]
-        if scaler is not None and "scaler" in checkpoint:
-            scaler.load_state_dict(checkpoint["scaler"])
-            restored.append(f"fp16 gradient scaler (scale {scaler.get_scale():g})")
-        elif scaler is not None:
-            logger.info("Resume: the checkpoint has no fp16 gradient scaler (it ran without --amp fp16); "
-                        "starting a fresh one")
-        resume_schedule(args, checkpoint.get("args") or {}, optimizer, lr_scheduler)
-    not_restored = [k for k in ("optimizer", "lr_scheduler", "epoch") if not any(r.startswith(k) for r in restored)]
-    logger.info("Resumed from %s: restored %s%s", args.resume, ", ".join(restored),
-                f"; not restored: {', '.join(not_restored)}" if not_restored else "")
-    ckpt_args = checkpoint.get("args") or {}
-    for name in ("category_names", "thing_ids"):  # the checkpoint's categories should be this dataset's
-        if ckpt_args.get(name) is not None and ckpt_args[name] != getattr(args, name, None):
-            logger.warning("Resume: the checkpoint's %s %s differ from this dataset's %s", name, ckpt_args[name],
-                           getattr(args, name, None))
 
 
-def resume_schedule(args, ckpt_args: dict, optimizer, lr_scheduler) -> None:
-    """A resumed run keeps its checkpoint's schedule (``SCHEDULE_FLAGS``); only flags given (``util.args.given_flags``:
-    on the command line, or for a caller's Namespace without ``explicit_flags``, set to another value than the
-    parser's default) override it. Both what is kept and what is overridden are logged when it differs from
-    ``args``."""
-    given = arguments.given_flags(args)
-    overridden = {}
-    for name in SCHEDULE_FLAGS:
-        if name not in ckpt_args:
-            continue
-        old, new = ckpt_args[name], getattr(args, name)
-        if name in given:
-            if new != old:
-                overridden[name] = new
-                logger.info("Resume: --%s %s from the command line overrides the checkpoint's %s", name, new, old)
-        else:
-            if new != old:
-                logger.info("Resume: keeping the checkpoint's %s %s (--%s not given)", name, old, name)
-            setattr(args, name, old)
-    if "weight_decay" in overridden:
-        for group in optimizer.param_groups:
-            group["weight_decay"] = args.weight_decay
-    if overridden.keys() & {"lr", "lr_backbone", "lr_drop"}:
-        lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
-        lr_scheduler.step_size = args.lr_drop
-        decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
-        for group, base in zip(optimizer.param_groups, lr_scheduler.base_lrs):
-            group["initial_lr"] = base
-            group["lr"] = base * decay
-        logger.info("Resume: learning rates now %s", [g["lr"] for g in optimizer.param_groups])
 
 
-def architecture_differences(ckpt_args: dict, args) -> list[str]:
-    """``ARCHITECTURE_FLAGS`` whose checkpoint value differs from this run's, in words. A flag the checkpoint's args
-    lack (the original's checkpoints predate ours) counts with the parser's default, which is the original's
-    architecture; num_classes is compared only when the checkpoint records it."""
-    defaults = vars(get_args_parser().parse_args([]))
-    differences = []
-    for name in ARCHITECTURE_FLAGS:
-        if ckpt_args.get(name) is not None:
-            theirs = ckpt_args[name]
-        elif name in defaults and defaults[name] is not None:
-            theirs = defaults[name]
-        else:
-            continue
-        ours = getattr(args, name, None)
-        aliases = FLAG_ALIASES.get(name, {})
-        if aliases.get(theirs, theirs) != aliases.get(ours, ours):
-            differences.append(f"--{name}: checkpoint {theirs!r}, this run {ours!r}")
-    return differences
 
 
-def load_architecture(model, checkpoint: dict, args, flag: str, path: str, require_same: bool) -> None:
-    """Load ``checkpoint["model"]`` into ``model``. When that fails, or (``require_same``) when an architecture flag
-    differs, the error lists the ``ARCHITECTURE_FLAGS`` whose checkpoint value differs from this run's, then the
-    keys that do not fit; differences whose weights fit anyway are a warning."""
-    differences = architecture_differences(checkpoint.get("args") or {}, args)
-    problem = ""
-    try:
-        load_model_state(model, checkpoint["model"], source=path)
-    except ValueError as err:
-        problem = str(err)
-    if differences and (problem or require_same):
-        header = (f"{flag} {path} was trained with another architecture than this run's; give this run the "
-                  f"checkpoint's flags:")
-        problem = "\n".join([header] + [f"  {d}" for d in differences] + ([problem] if problem else []))
-    elif differences:
-        logger.warning("%s %s: the checkpoint was trained with other architecture flags (its weights fit this "
-                       "model): %s", flag, path, "; ".join(differences))
-    if problem:
-        raise UserValueError(problem)
 
 
-def load_frozen_box_model(args, model_without_ddp) -> None:
-    """--frozen_weights: a box model's checkpoint into ``model.detr`` (stage two of segmentation training). The
-    checkpoint's architecture flags must be this run's; an error lists those that differ and the keys that do not
-    fit."""
-    checkpoint = load_checkpoint(args.frozen_weights)
-    load_architecture(model_without_ddp.detr, checkpoint, args, "--frozen_weights", args.frozen_weights,
-                      require_same=True)
-    logger.info("Loaded the frozen box model from %s", args.frozen_weights)
 
 
-def load_initial_weights(args, model_without_ddp) -> None:
-    """--frozen_weights (box model under a mask head), --finetune (weights only) or the backbone's own weights.
-
-    Called before the DDP wrap. Backbone weights are read (or downloaded) by the main process only: DDP
-    broadcasts its parameters and buffers to the other processes when it wraps the model, as in the original.
-    """
-    if args.frozen_weights:
-        load_frozen_box_model(args, model_without_ddp)
-    elif args.finetune:
-        checkpoint = load_checkpoint(args.finetune)
-        skipped = load_model_state(model_without_ddp, checkpoint["model"], source=args.finetune,
-                                   reinit_class_head=True)
-        logger.info("Fine-tuning from the weights of %s%s", args.finetune,
-                    f" (class head re-initialised: {skipped})" if skipped else "")
-    elif not args.resume:
-        if is_main_process():
-            backbone = model_without_ddp.detr.backbone[0] if args.masks else model_without_ddp.backbone[0]
-            source = load_backbone_weights(backbone, args.backbone_weights)
-            logger.info("Backbone weights: %s%s", source or "random initialisation (--backbone_weights none)",
-                        " (broadcast to the other processes)" if args.distributed else "")
-        return
-    logger.info("Backbone weights: from the checkpoint (--backbone_weights %s not used)", args.backbone_weights)
 
 
-def checkpoint_dict(model_without_ddp, optimizer, lr_scheduler, epoch: int, args, scaler=None) -> dict:
-    args_dict = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
-    state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args_dict}
-    if scaler is not None:
-        state["scaler"] = scaler.state_dict()
-    return state
 
 
-def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
-    """checkpoint.pth every epoch, plus checkpointNNNN.pth before the lr drop and every 100 epochs (the original's)."""
-    paths = [output_dir / "checkpoint.pth"]
-    if (epoch + 1) % lr_drop == 0 or (epoch + 1) % 100 == 0:
-        paths.append(output_dir / f"checkpoint{epoch:04}.pth")
-    return paths
 
 
 def write_epoch_outputs(output_dir: Path, log_stats: dict, coco_evaluator, epoch: int) -> None:
@@ -392,9 +194,10 @@ def run(args: argparse.Namespace) -> dict:
     optimizer = build_optimizer(model, args)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
 
-    load_initial_weights(args, model)
-    if args.resume:
-        resume(args, model, optimizer, lr_scheduler, scaler, checkpoint)
+    load_initial_weights(args, model)  # --frozen_weights, --finetune or the backbone's own weights
+    if checkpoint is not None:  # --resume
+        load_weights(model, checkpoint, args.resume, args=args, flag="--resume")
+        resume_training_state(args, checkpoint, optimizer, lr_scheduler, scaler)
         checkpoint = None  # the optimizer state read from the file need not stay in memory during training
     model_without_ddp = model
     if args.distributed:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from models import build_model
-from util.checkpoint import atomic_write, component_of, load_checkpoint, load_model_state, save_checkpoint
+from util.checkpoint import (atomic_write, checkpoint_paths, component_of, load_checkpoint, load_model_state,
+                              save_checkpoint)
 
 from conftest import tiny_args
 
@@ -123,3 +124,10 @@ def test_resuming_from_a_file_still_being_written_is_refused(tmp_path):
     tmp.write_bytes(b"partial")
     with pytest.raises(ValueError, match=r"temporary file that another process is still writing.*checkpoint.pth"):
         load_checkpoint(str(tmp))
+
+
+def test_checkpoint_names_before_the_lr_drop_and_every_100_epochs(tmp_path):
+    names = {e: [p.name for p in checkpoint_paths(tmp_path, e, lr_drop=4)] for e in (0, 3, 7, 99, 150)}
+    assert names == {0: ["checkpoint.pth"], 3: ["checkpoint.pth", "checkpoint0003.pth"],
+                     7: ["checkpoint.pth", "checkpoint0007.pth"], 99: ["checkpoint.pth", "checkpoint0099.pth"],
+                     150: ["checkpoint.pth"]}

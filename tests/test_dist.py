@@ -169,8 +169,7 @@ def test_synthetic_data_is_generated_once_per_node(tmp_path):
 
 
 def _backbone_weights(rank, weights_path):
-    import main as detr_main
-    from models import build_model
+    from models import build_model, loader
 
     args = tiny_args(backbone_weights=weights_path, seed=rank)
     args.distributed = True
@@ -185,8 +184,8 @@ def _backbone_weights(rank, weights_path):
         loaded.append(rank)
         return real_load(backbone, spec)
 
-    detr_main.load_backbone_weights = recording_load
-    detr_main.load_initial_weights(args, model)
+    loader.load_backbone_weights = recording_load
+    loader.load_initial_weights(args, model)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     body = ddp.module.backbone[0].body
     return {"loaded": loaded, "conv1": body.conv1.weight.detach().clone(),

@@ -245,26 +245,6 @@ def test_eval_resume_takes_the_checkpoints_architecture_and_size(trained, data_d
     assert "--val_size 128: the checkpoint's run evaluated at --val_size 96" in caplog.text
 
 
-def test_checkpoint_flags_of_the_originals_checkpoints():
-    import argparse
-
-    # the original's Namespace: none of our new flags, no num_classes (the class head says 91)
-    original = argparse.Namespace(backbone="resnet50", dilation=True, position_embedding="sine", hidden_dim=256,
-                                  nheads=8, enc_layers=6, dec_layers=6, dim_feedforward=2048, pre_norm=False,
-                                  num_queries=100, masks=False, lr=1e-4)
-    flags = detr_main.checkpoint_flags({"model": {"class_embed.bias": torch.zeros(92)}, "args": vars(original)})
-    assert flags["backbone"] == "resnet50" and flags["dilation"] is True and flags["num_classes"] == 91
-    assert flags["backbone_norm"] == "frozen_bn" and flags["backbone_last_layer"] == "layer4"
-    assert flags["backbone_blocks"] == 0 and flags["pos_at_input"] is False and flags["spatial_prior"] is False
-    assert flags["val_size"] == 800 and flags["max_size"] == 1333
-    # on the synthetic recipe's defaults, the checkpoint wins over the recipe for every flag not given
-    args = detr_main.parse_args(["--dataset_file", "synthetic", "--eval", "--resume", "detr-r50-dc5.pth"])
-    recipes.apply_dataset_recipe(args)
-    detr_main.take_checkpoint_flags(args, {"model": {"class_embed.bias": torch.zeros(92)}, "args": vars(original)})
-    assert (args.backbone, args.hidden_dim, args.backbone_norm, args.val_size) == ("resnet50", 256, "frozen_bn", 800)
-    assert "backbone" not in args.defaults_applied and args.checkpoint_applied["backbone"] == "resnet50"
-
-
 def test_finetune_from_another_number_of_classes(trained, tmp_path, caplog):
     out, argv, _ = trained
     with caplog.at_level(logging.INFO):
@@ -386,13 +366,6 @@ def test_build_optimizer_two_groups():
     args = tiny_args(lr_backbone=0.0)
     model, _, _ = detr_main.build_model(args)
     assert detr_main.build_optimizer(model, args).param_groups[1]["params"] == []
-
-
-def test_checkpoint_names_before_the_lr_drop_and_every_100_epochs(tmp_path):
-    names = {e: [p.name for p in detr_main.checkpoint_paths(tmp_path, e, lr_drop=4)] for e in (0, 3, 7, 99, 150)}
-    assert names == {0: ["checkpoint.pth"], 3: ["checkpoint.pth", "checkpoint0003.pth"],
-                     7: ["checkpoint.pth", "checkpoint0007.pth"], 99: ["checkpoint.pth", "checkpoint0099.pth"],
-                     150: ["checkpoint.pth"]}
 
 
 class _Quadratic(torch.nn.Module):

@@ -231,17 +231,17 @@ def test_backbone_blocks_keeps_the_first_blocks_of_each_stage_and_loads_full_res
 
 
 def test_backbone_blocks_is_an_architecture_flag():
-    import main
+    from models import loader
 
     model, _, _ = build_model(tiny_args(backbone_blocks=1))
     assert not any(".layer1.1." in k for k in model.state_dict())
-    differences = main.architecture_differences({"backbone_blocks": 1}, tiny_args(backbone_blocks=0))
+    differences = loader.architecture_differences({"backbone_blocks": 1}, tiny_args(backbone_blocks=0))
     assert any("--backbone_blocks: checkpoint 1, this run 0" in d for d in differences)
 
 
 def test_query_groups_is_an_architecture_flag(tmp_path):
     # --frozen_weights of a Group-DETR box model under a run without --query_groups: the error names the flag
-    import main
+    from models import loader
     from util.checkpoint import save_checkpoint
 
     box_args = tiny_args(query_groups=2, hidden_dim=128, nheads=8)
@@ -250,7 +250,7 @@ def test_query_groups_is_an_architecture_flag(tmp_path):
     args = tiny_args(hidden_dim=128, nheads=8, masks=True, frozen_weights=str(tmp_path / "box.pth"))
     model, _, _ = build_model(args)
     with pytest.raises(ValueError, match="--query_groups: checkpoint 2, this run 1"):
-        main.load_frozen_box_model(args, model)
+        loader.load_frozen_box_model(args, model)
 
 
 def test_imagenet_weights_of_every_resnet_are_known():

@@ -1,23 +1,30 @@
-"""Checkpoint reading, writing and strict loading with readable errors.
+"""Checkpoint reading, writing and strict loading with readable errors, and the training state of a resumed run.
 
 One schema: ``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'scaler'?}`` holding plain types only
 (``args`` is ``vars(args)``), so ``torch.load(..., weights_only=True)`` reads it. Checkpoints of the original
 implementation hold an ``argparse.Namespace``; they still load (the Namespace is allow-listed, nothing else).
+From a checkpoint to a model (its architecture, its weights): ``models.loader``.
 """
 import argparse
 import contextlib
 import logging
 import os
 import uuid
-from urllib.parse import urlparse
+from pathlib import Path
 from typing import IO, Any, Iterator
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from util import args as arguments
 from util.errors import UserFileNotFoundError, UserRuntimeError, UserValueError
 
 logger = logging.getLogger(__name__)
+
+# What --resume restores beyond the weights; flags given on the command line may override it (see resume_schedule).
+SCHEDULE_FLAGS = ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "clip_max_norm", "warmup_iters",
+                  "accum_steps")
 
 _COMPONENTS = (
     ("backbone.0", "the backbone"),
@@ -194,3 +201,85 @@ def load_model_state(model: nn.Module, state_dict: dict, source: str, reinit_cla
     state = {k: v for k, v in state_dict.items() if k not in skipped}
     model.load_state_dict(state, strict=not skipped)
     return skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state: what main.py writes each epoch and --resume restores
+
+
+def checkpoint_dict(model_without_ddp: nn.Module, optimizer, lr_scheduler, epoch: int, args,
+                    scaler=None) -> dict:
+    """The schema above, of a run at the end of ``epoch``; ``args``' values that are not plain types are left out."""
+    args_dict = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
+    state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args_dict}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
+    """checkpoint.pth every epoch, plus checkpointNNNN.pth before the lr drop and every 100 epochs (the original's)."""
+    paths = [output_dir / "checkpoint.pth"]
+    if (epoch + 1) % lr_drop == 0 or (epoch + 1) % 100 == 0:
+        paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+    return paths
+
+
+def resume_training_state(args, checkpoint: dict, optimizer, lr_scheduler, scaler=None) -> None:
+    """--resume, once its weights are in the model (``models.loader.load_weights``): unless --eval, the optimizer,
+    lr scheduler, epoch (``args.start_epoch``), schedule (``resume_schedule``) and fp16 gradient scaler. Says what was
+    restored, and warns when the checkpoint's categories are not this dataset's."""
+    restored = ["model"]
+    if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        args.start_epoch = checkpoint["epoch"] + 1
+        restored += ["optimizer", "lr_scheduler", f"epoch (continuing at epoch {args.start_epoch})"]
+        if scaler is not None and "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+            restored.append(f"fp16 gradient scaler (scale {scaler.get_scale():g})")
+        elif scaler is not None:
+            logger.info("Resume: the checkpoint has no fp16 gradient scaler (it ran without --amp fp16); "
+                        "starting a fresh one")
+        resume_schedule(args, checkpoint.get("args") or {}, optimizer, lr_scheduler)
+    not_restored = [k for k in ("optimizer", "lr_scheduler", "epoch") if not any(r.startswith(k) for r in restored)]
+    logger.info("Resumed from %s: restored %s%s", args.resume, ", ".join(restored),
+                f"; not restored: {', '.join(not_restored)}" if not_restored else "")
+    ckpt_args = checkpoint.get("args") or {}
+    for name in ("category_names", "thing_ids"):  # the checkpoint's categories should be this dataset's
+        if ckpt_args.get(name) is not None and ckpt_args[name] != getattr(args, name, None):
+            logger.warning("Resume: the checkpoint's %s %s differ from this dataset's %s", name, ckpt_args[name],
+                           getattr(args, name, None))
+
+
+def resume_schedule(args, ckpt_args: dict, optimizer, lr_scheduler) -> None:
+    """A resumed run keeps its checkpoint's schedule (``SCHEDULE_FLAGS``); only flags given (``util.args.given_flags``:
+    on the command line, or for a caller's Namespace without ``explicit_flags``, set to another value than the
+    parser's default) override it. Both what is kept and what is overridden are logged when it differs from
+    ``args``."""
+    given = arguments.given_flags(args)
+    overridden = {}
+    for name in SCHEDULE_FLAGS:
+        if name not in ckpt_args:
+            continue
+        old, new = ckpt_args[name], getattr(args, name)
+        if name in given:
+            if new != old:
+                overridden[name] = new
+                logger.info("Resume: --%s %s from the command line overrides the checkpoint's %s", name, new, old)
+        else:
+            if new != old:
+                logger.info("Resume: keeping the checkpoint's %s %s (--%s not given)", name, old, name)
+            setattr(args, name, old)
+    if "weight_decay" in overridden:
+        for group in optimizer.param_groups:
+            group["weight_decay"] = args.weight_decay
+    if overridden.keys() & {"lr", "lr_backbone", "lr_drop"}:
+        lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
+        lr_scheduler.step_size = args.lr_drop
+        decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
+        for group, base in zip(optimizer.param_groups, lr_scheduler.base_lrs):
+            group["initial_lr"] = base
+            group["lr"] = base * decay
+        logger.info("Resume: learning rates now %s", [g["lr"] for g in optimizer.param_groups])

@@ -21,12 +21,13 @@ from torch import Tensor, nn
 
 from models.backbone import Joiner
 from models.detr import DETR, SetCriterion
+from models.loader import load_weights
 from models.matcher import HungarianMatcher
 from models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from models.segmentation import DETRsegm, PostProcessPanoptic, PostProcessSegm
 from models.transformer import Transformer
 from util.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from util.checkpoint import load_checkpoint, load_model_state
+from util.checkpoint import load_checkpoint
 from util.nested_tensor import NestedTensor
 from util.panoptic import rgb2id
 
@@ -240,5 +241,5 @@ def load_frozen_weights(model: Detr, path: str) -> None:
     if others:
         raise ValueError(f"MODEL.DETR.FROZEN_WEIGHTS {path}: expected a Detectron2 DETR box checkpoint (keys "
                          f"'detr.*', see d2/converter.py); found {others[:5]}")
-    load_model_state(model.detr.detr, box_state, source=path)
+    load_weights(model.detr.detr, {"model": box_state}, path)
     logger.info("Loaded the frozen box model from %s", path)

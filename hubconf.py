@@ -7,11 +7,9 @@ Models are built and loaded by ``models.loader.load_model`` (the published model
 models and trained models can never drift apart. ``pretrained=True`` goes through
 ``torch.hub.load_state_dict_from_url``: a file already in ``$TORCH_HOME/hub/checkpoints/`` is used offline.
 """
-from models.loader import PUBLISHED_URLS, load_model
+from models.loader import load_model
 
 dependencies = ["torch", "torchvision"]
-
-_URLS = PUBLISHED_URLS  # the published checkpoints by entrypoint (tools/inference.py reads this name)
 
 
 def _make_detr(name: str, pretrained: bool, num_classes: int, threshold: float = 0.85):

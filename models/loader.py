@@ -296,13 +296,15 @@ def load_model(source: str, *, device: Union[str, torch.device, None] = None, ov
         checkpoint = load_checkpoint(source)
         where, ckpt_args, architecture = source, dict(checkpoint.get("args") or {}), checkpoint_flags(checkpoint)
     flags = {**hub_flags, **ckpt_args, **architecture, **INFERENCE_FLAGS, **overrides}
+    # the parser's default (coco) when nothing names the dataset: the published box models' table entries do not
+    dataset_file = flags.get("dataset_file", _parser_defaults()["dataset_file"])
     if flags.get("num_classes") is None:
-        flags["num_classes"] = KNOWN_NUM_CLASSES.get(flags.get("dataset_file"))
+        flags["num_classes"] = KNOWN_NUM_CLASSES.get(dataset_file)
         if flags["num_classes"] is None:
             raise UserValueError(f"checkpoint {where}: its args give no num_classes and its model has no class head "
                                  f"(class_embed.bias): is it a DETR checkpoint?")
     if flags.get("thing_ids") is None:
-        flags["thing_ids"] = KNOWN_THING_IDS.get(flags.get("dataset_file"))
+        flags["thing_ids"] = KNOWN_THING_IDS.get(dataset_file)
     args, model, postprocessors = build_from_flags(flags)
     if checkpoint is not None and pretrained:
         load_weights(model, checkpoint, where, args=None if source in PUBLISHED else args,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import hubconf
+from models.loader import PUBLISHED_URLS
 
 from conftest import GOLDEN_DIR
 
@@ -46,7 +47,7 @@ def hub_cache(tmp_path, monkeypatch):
 
 def _publish(cache: Path, name: str, model: torch.nn.Module) -> None:
     """A checkpoint shaped like the published ones, holding an argparse.Namespace as they do."""
-    filename = os.path.basename(hubconf._URLS[name])
+    filename = os.path.basename(PUBLISHED_URLS[name])
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1e-4, backbone="resnet50")},
                cache / filename)
 

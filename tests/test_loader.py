@@ -152,3 +152,9 @@ def test_unknown_names_and_missing_files_are_said():
         load_model("detr_resnet18")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model("runs/nope/checkpoint.pth")
+
+
+def test_hub_names_without_overrides_get_their_datasets_class_count():
+    # the box models' table entries name no dataset: the parser's default, coco, gives 91 classes (as hubconf's)
+    box = load_model("detr_resnet50", device="cpu", pretrained=False)
+    assert box.args["num_classes"] == 91 and box.model.class_embed.out_features == 92 and box.thing_ids is None

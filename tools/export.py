@@ -232,7 +232,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
-    from tools.inference import Predictor
+    from models.loader import load_model
     from util.logger import setup_logging
 
     setup_logging()
@@ -245,10 +245,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, float]]:
         logger.error("%s exists: pass --overwrite to replace it", args.output)
         raise SystemExit(1)
     try:
-        if args.hub:
-            model = Predictor.from_hub(args.hub, device="cpu").model
-        else:
-            model = Predictor.from_checkpoint(args.resume, device="cpu").model
+        model = load_model(args.hub or args.resume, device="cpu").model
         export(model, args.format, args.output, args.opset)
         logger.info("wrote %s (%s, %.1f MB)", args.output, args.format, os.path.getsize(args.output) / 2 ** 20)
         report = compare(model, load_runner(args.format, args.output)) if args.check else []

@@ -8,130 +8,34 @@ With a checkpoint, a hub model or any DETR you built:
         print(p.source, p.names, p.scores, p.boxes)   # boxes [N, 4] (x0, y0, x1, y1) in the image's pixels
     predictions = predict(model, images, category_names="coco")   # a bare model: say what its classes are
 
+The model comes from ``models.loader.load_model`` (a checkpoint path, a URL in the torch hub cache, or a hub name),
+as main.py and hubconf.py load theirs; ``Predictor.from_loaded`` takes one already loaded.
 Images are read as the evaluation reads them (``tools.images``) and resized as evaluation does (short side
 ``val_size``, long side at most ``max_size``: the checkpoint's values, 800 / 1333 for the published models).
 Unreadable files are skipped, named, and the rest goes on.
 """
 import argparse
 import contextlib
-import dataclasses
-import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
-import numpy as np
-import PIL.Image
 import torch
 from torch import Tensor, nn
 
-from datasets.coco_categories import COCO_CATEGORY_NAMES, COCO_PANOPTIC_CATEGORY_NAMES, COCO_PANOPTIC_THING_IDS
 from datasets.transforms import make_coco_transforms
 from models.detr import PostProcess
-from models.segmentation import DETRsegm, PostProcessPanoptic, PostProcessSegm, rgb2id
+from models.loader import PUBLISHED, LoadedModel, load_model
+from models.segmentation import DETRsegm, PostProcessPanoptic, PostProcessSegm
 from models.transformer import capture_attention
+from tools.categories import CategoryNames, loaded_category_names, resolve_category_names, thing_ids_from_file
 from tools.images import ImageInput, ImageList, describe, expand_inputs
+from tools.prediction import Prediction, decode_panoptic, image_attention
 from util.amp import AMP_DTYPES, autocast
 from util.nested_tensor import nested_tensor_from_tensor_list
 
 logger = logging.getLogger(__name__)
 
 AMP_CHOICES = ("off", *AMP_DTYPES)
-CategoryNames = Union[None, str, Dict[int, str]]
-
-
-@dataclass
-class Prediction:
-    """The detections of one image, in the pixels of the image as given (before the evaluation resize).
-
-    Detections are in query order; ``queries`` says which query made each one (its row in the attention maps).
-    """
-    source: str                      # the file, or "<input i>" for an image given as an object
-    image: PIL.Image.Image           # the RGB image the model saw, before resizing
-    scores: Tensor                   # [N] class probability of the best class (no-object excluded)
-    labels: Tensor                   # [N] category ids
-    boxes: Tensor                    # [N, 4] (x0, y0, x1, y1) in pixels of `image`
-    names: List[str]                 # [N] category names (the id as text when the names are unknown)
-    queries: Tensor                  # [N] query index of each detection
-    input_size: tuple                # (h, w) after the evaluation resize, as the model saw it
-    masks: Optional[Tensor] = None   # [N, H, W] bool, for mask models
-    panoptic: Optional[dict] = None  # {'segmentation': [H, W] int64 segment ids, 'segments_info': [...]}
-    # with attention=True, per layer, cut to this image's feature map (h, w): 'encoder.{i}.self_attn' [h, w, h, w],
-    # 'decoder.{i}.cross_attn' [num_queries, h, w], 'decoder.{i}.self_attn' [num_queries, num_queries]
-    attention: Optional[Dict[str, Tensor]] = None
-
-    @property
-    def size(self) -> tuple:
-        """(h, w) of the image."""
-        return self.image.height, self.image.width
-
-    def above(self, score_threshold: float) -> "Prediction":
-        """The detections whose score exceeds ``score_threshold`` (the panoptic segmentation and the attention
-        maps, which do not depend on it, are kept)."""
-        keep = self.scores > score_threshold
-        return dataclasses.replace(
-            self, scores=self.scores[keep], labels=self.labels[keep], boxes=self.boxes[keep],
-            names=[n for n, k in zip(self.names, keep.tolist()) if k], queries=self.queries[keep],
-            masks=None if self.masks is None else self.masks[keep])
-
-
-# ----------------------------------------------------------------------------------------------
-# Building models and their metadata
-
-
-def resolve_category_names(names: CategoryNames) -> Optional[Dict[int, str]]:
-    """None, 'coco', 'coco_panoptic', a {id: name} dict, or a JSON file: a COCO annotation file (its
-    'categories') or a {id: name} object."""
-    if names is None or isinstance(names, dict):
-        return None if names is None else {int(k): str(v) for k, v in names.items()}
-    if names == "coco":
-        return dict(COCO_CATEGORY_NAMES)
-    if names == "coco_panoptic":
-        return dict(COCO_PANOPTIC_CATEGORY_NAMES)
-    path = Path(names)
-    if not path.is_file():
-        raise ValueError(f"category names {names!r}: expected 'coco', 'coco_panoptic' or a JSON file")
-    data = json.loads(path.read_text())
-    if isinstance(data, dict) and "categories" in data:
-        try:
-            return {int(c["id"]): str(c["name"]) for c in data["categories"]}
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: 'categories' must be a list of {{'id', 'name'}} objects ({err})") from None
-    if isinstance(data, dict):
-        try:
-            return {int(k): str(v) for k, v in data.items()}
-        except ValueError:
-            pass
-    raise ValueError(f"{path}: expected a COCO annotation file (with 'categories') or a JSON object {{id: name}}")
-
-
-def thing_ids_from_file(names: CategoryNames) -> Optional[List[int]]:
-    """The thing ids of a COCO panoptic categories file ('isthing'), when ``names`` is one."""
-    if names == "coco_panoptic":
-        return list(COCO_PANOPTIC_THING_IDS)
-    if isinstance(names, (str, Path)) and Path(names).is_file():
-        data = json.loads(Path(names).read_text())
-        if isinstance(data, dict) and all("isthing" in c for c in data.get("categories") or [{}]):
-            return [int(c["id"]) for c in data["categories"] if c["isthing"]]
-    return None
-
-
-def _published(source: str) -> Optional[str]:
-    """The hub entrypoint whose published checkpoint ``source`` is (by URL or file name), if any."""
-    import hubconf
-
-    for name, url in hubconf._URLS.items():
-        if source == url or Path(source).name == Path(url).name:
-            return name
-    return None
-
-
-def _num_classes_of(state_dict: dict) -> int:
-    for key in ("class_embed.bias", "detr.class_embed.bias"):
-        if key in state_dict:
-            return int(state_dict[key].shape[0]) - 1
-    raise ValueError("the checkpoint's model has no class head (class_embed.bias): is it a DETR checkpoint?")
 
 
 class Predictor:
@@ -171,63 +75,32 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, checkpoint: str, device: Union[str, torch.device, None] = None,
                         category_names: CategoryNames = None, **kwargs) -> "Predictor":
-        """A model built as main.py builds it, from the parser's defaults plus the checkpoint's ``args``, with its
-        weights. Category names: ``category_names`` if given, else the checkpoint's ``args.category_names``, else
-        COCO's for the published checkpoints, else the ids (said once). Thing ids: ``args.thing_ids`` likewise.
-        ``val_size`` / ``max_size`` default to the checkpoint's."""
-        from models import build_model
-        from util.args import get_args_parser
-        from util.checkpoint import load_checkpoint, load_model_state
-
-        ckpt = load_checkpoint(checkpoint)
-        ckpt_args = dict(ckpt.get("args") or {})
-        args = get_args_parser().parse_args([])
-        for key, value in ckpt_args.items():
-            setattr(args, key, value)
-        if getattr(args, "num_classes", None) is None:
-            args.num_classes = _num_classes_of(ckpt["model"])
-        args.device = "cpu"
-        args.backbone_weights = "none"  # the checkpoint holds the backbone: never read or download other weights
-        args.frozen_weights = None
-        args.aux_loss = False  # inference needs the last decoder layer only (the heads are shared)
-        published = _published(checkpoint)
-        thing_ids = kwargs.pop("thing_ids", None)
-        if thing_ids is None:
-            thing_ids = ckpt_args.get("thing_ids")
-        if thing_ids is None and (args.dataset_file == "coco_panoptic" or
-                                  (published or "").endswith("panoptic")):
-            thing_ids = list(COCO_PANOPTIC_THING_IDS)
-        args.thing_ids = thing_ids
-        model, _, _ = build_model(args)
-        load_model_state(model, ckpt["model"], source=checkpoint)
-
-        if category_names is None:
-            category_names = ckpt_args.get("category_names")
-            if category_names is not None:
-                logger.info("category names: from the checkpoint (%d categories)", len(category_names))
-            elif published is not None:
-                category_names = "coco_panoptic" if published.endswith("panoptic") else "coco"
-                logger.info("category names: COCO's (%s is a published COCO checkpoint)", checkpoint)
-        for key in ("val_size", "max_size"):
-            if kwargs.get(key) is None:
-                kwargs[key] = getattr(args, key)
-        return cls(model, category_names=category_names, thing_ids=thing_ids, device=device, **kwargs)
+        """The model of a checkpoint (a path, a URL in the torch hub cache, or a hub name), built and loaded by
+        ``models.loader.load_model`` as main.py builds it (see ``from_loaded`` for the names and sizes)."""
+        return cls.from_loaded(load_model(checkpoint, device=device), category_names=category_names, **kwargs)
 
     @classmethod
     def from_hub(cls, name: str, pretrained: bool = True, device: Union[str, torch.device, None] = None,
                  **kwargs) -> "Predictor":
         """A ``hubconf`` model (``detr_resnet50``, ``detr_resnet50_panoptic``, ...) with COCO's category names.
         ``pretrained`` loads the published weights through the torch hub cache (downloaded when absent)."""
-        import hubconf
+        if name not in PUBLISHED:
+            raise ValueError(f"unknown hub model {name!r}; expected one of {', '.join(sorted(PUBLISHED))}")
+        return cls.from_loaded(load_model(name, device=device, pretrained=pretrained), **kwargs)
 
-        if name not in hubconf._URLS:
-            raise ValueError(f"unknown hub model {name!r}; expected one of {', '.join(sorted(hubconf._URLS))}")
-        model = getattr(hubconf, name)(pretrained=pretrained)
-        panoptic = name.endswith("panoptic")
-        kwargs.setdefault("category_names", "coco_panoptic" if panoptic else "coco")
-        if panoptic:
-            kwargs.setdefault("thing_ids", COCO_PANOPTIC_THING_IDS)
-        return cls(model, device=device, **kwargs)
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, category_names: CategoryNames = None, **kwargs) -> "Predictor":
+        """A ``models.loader.load_model`` model. Category names: ``category_names`` if given, else the checkpoint's,
+        else COCO's for the published models, else the ids (said once). Thing ids: ``thing_ids`` if given, else the
+        checkpoint's (or its dataset's). ``val_size`` / ``max_size`` default to the checkpoint's."""
+        if category_names is None:
+            category_names = loaded_category_names(loaded)
+        if kwargs.get("thing_ids") is None:
+            kwargs["thing_ids"] = loaded.thing_ids
+        for key in ("val_size", "max_size", "device"):
+            if kwargs.get(key) is None:
+                kwargs[key] = loaded.args[key]
+        return cls(loaded.model, category_names=category_names, **kwargs)
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -319,9 +192,9 @@ class Predictor:
             if self.masks:
                 pred.masks = r["masks"][:, 0].bool().cpu()
             if panoptic is not None:
-                pred.panoptic = _decode_panoptic(panoptic[i], self)
+                pred.panoptic = decode_panoptic(panoptic[i], self.names_of)
             if attention:
-                pred.attention = _image_attention(recorded, feature_mask[0], i)
+                pred.attention = image_attention(recorded, feature_mask[0], i)
             predictions.append(pred)
         return predictions
 
@@ -351,35 +224,6 @@ def predict(model: nn.Module, images: Union[ImageInput, Sequence[ImageInput]], s
     predictor = Predictor(model, category_names=category_names,
                           **{k: kwargs.pop(k) for k in predictor_keys if k in kwargs})
     return predictor(images, score_threshold=score_threshold, batch_size=batch_size, attention=attention, **kwargs)
-
-
-def _decode_panoptic(result: dict, predictor: Predictor) -> dict:
-    """PostProcessPanoptic's PNG -> an id map [H, W] (int64) and segments_info with category names."""
-    import io
-
-    with PIL.Image.open(io.BytesIO(result["png_string"])) as png:
-        segmentation = torch.from_numpy(rgb2id(np.asarray(png.convert("RGB"))))
-    segments = [dict(s, name=predictor.names_of([s["category_id"]])[0]) for s in result["segments_info"]]
-    return {"segmentation": segmentation, "segments_info": segments, "png_string": result["png_string"]}
-
-
-def _image_attention(recorded: Dict[str, Tensor], mask: Tensor, i: int) -> Dict[str, Tensor]:
-    """Image i's attention maps, reshaped to its feature map (h, w) and cut out of the padded batch's.
-
-    ``mask`` [B, H, W] is the feature map's padding mask (True on padding, at the bottom and the right)."""
-    full_h, full_w = mask.shape[-2:]
-    h = int((~mask[i, :, 0]).sum())
-    w = int((~mask[i, 0, :]).sum())
-    out = {}
-    for key, weights in recorded.items():
-        weights = weights[i].float().cpu()
-        if key.endswith("cross_attn"):  # [Q, HW] -> [Q, h, w]
-            out[key] = weights.view(-1, full_h, full_w)[:, :h, :w].contiguous()
-        elif key.startswith("encoder"):  # [HW, HW] -> [h, w, h, w]
-            out[key] = weights.view(full_h, full_w, full_h, full_w)[:h, :w, :h, :w].contiguous()
-        else:  # decoder self-attention among the queries [Q, Q]
-            out[key] = weights
-    return out
 
 
 def _progress(total: int, enabled: bool):

@@ -1,0 +1,66 @@
+"""The category names (and panoptic thing ids) a Predictor labels its predictions with.
+
+A model's names come from its checkpoint (``main.py`` records the dataset's); the published checkpoints carry none:
+their classes are COCO's, whose names live in ``datasets/coco_categories.py``. A caller can also give them: 'coco',
+'coco_panoptic', a {id: name} dict, or a JSON file (a COCO annotation file or a {id: name} object).
+"""
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+from datasets.coco_categories import COCO_CATEGORY_NAMES, COCO_PANOPTIC_CATEGORY_NAMES, COCO_PANOPTIC_THING_IDS
+from models.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+CategoryNames = Union[None, str, Dict[int, str]]
+
+
+def resolve_category_names(names: CategoryNames) -> Optional[Dict[int, str]]:
+    """None, 'coco', 'coco_panoptic', a {id: name} dict, or a JSON file: a COCO annotation file (its
+    'categories') or a {id: name} object."""
+    if names is None or isinstance(names, dict):
+        return None if names is None else {int(k): str(v) for k, v in names.items()}
+    if names == "coco":
+        return dict(COCO_CATEGORY_NAMES)
+    if names == "coco_panoptic":
+        return dict(COCO_PANOPTIC_CATEGORY_NAMES)
+    path = Path(names)
+    if not path.is_file():
+        raise ValueError(f"category names {names!r}: expected 'coco', 'coco_panoptic' or a JSON file")
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and "categories" in data:
+        try:
+            return {int(c["id"]): str(c["name"]) for c in data["categories"]}
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: 'categories' must be a list of {{'id', 'name'}} objects ({err})") from None
+    if isinstance(data, dict):
+        try:
+            return {int(k): str(v) for k, v in data.items()}
+        except ValueError:
+            pass
+    raise ValueError(f"{path}: expected a COCO annotation file (with 'categories') or a JSON object {{id: name}}")
+
+
+def thing_ids_from_file(names: CategoryNames) -> Optional[List[int]]:
+    """The thing ids of a COCO panoptic categories file ('isthing'), when ``names`` is one."""
+    if names == "coco_panoptic":
+        return list(COCO_PANOPTIC_THING_IDS)
+    if isinstance(names, (str, Path)) and Path(names).is_file():
+        data = json.loads(Path(names).read_text())
+        if isinstance(data, dict) and all("isthing" in c for c in data.get("categories") or [{}]):
+            return [int(c["id"]) for c in data["categories"] if c["isthing"]]
+    return None
+
+
+def loaded_category_names(loaded: LoadedModel) -> CategoryNames:
+    """The names of a ``models.loader.load_model`` model: its checkpoint's, else COCO's for the published models,
+    else None (the predictions are labelled with their ids)."""
+    if loaded.category_names is not None:
+        logger.info("category names: from the checkpoint (%d categories)", len(loaded.category_names))
+        return loaded.category_names
+    if loaded.published is not None:
+        logger.info("category names: COCO's (%s is a published COCO model)", loaded.published)
+        return "coco_panoptic" if loaded.args.get("dataset_file") == "coco_panoptic" else "coco"
+    return None

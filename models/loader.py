@@ -129,7 +129,11 @@ def take_checkpoint_flags(args, checkpoint: dict, *, flag: str = "--resume", sou
                                      f"ones given here; leave them out (the checkpoint's apply) or give its values:"]
                                     + [f"  {c}" for c in conflicts]
                                     + (["  (to train on another number of classes from its weights, use --finetune)"]
-                                       if any(c.startswith("--num_classes") for c in conflicts) else [])))
+                                       if any(c.startswith("--num_classes") for c in conflicts) else [])
+                                    + (["  (another --num_queries needs new object queries, which the checkpoint does "
+                                        "not have: fine-tune with its number, or train without --finetune)"]
+                                       if flag == "--finetune" and any(c.startswith("--num_queries") for c in conflicts)
+                                       else [])))
     if flag == "--resume":
         args.checkpoint_applied = applied
     return applied

@@ -180,6 +180,7 @@ def test_finetune_from_a_hub_name_takes_the_published_architecture(hub_cache, ca
         take_finetune_flags(args, checkpoint)
     assert "--finetune detr_resnet50_dc5 was trained with other architecture flags" in str(err.value)
     assert "--num_queries: checkpoint 100, this run 50" in str(err.value)
+    assert "another --num_queries needs new object queries" in str(err.value)
     with pytest.raises(ValueError, match="unknown hub model 'detr_resnet18'"):
         read_finetune_checkpoint("detr_resnet18")
     with pytest.raises(RuntimeError, match="could not be downloaded"):

@@ -48,7 +48,8 @@ from datasets.recipes import apply_dataset_recipe
 from datasets.samplers import GroupedBatchSampler, aspect_ratio_groups
 from engine import evaluate, train_one_epoch
 from models import build_model
-from models.loader import load_initial_weights, load_weights, take_checkpoint_flags
+from models.loader import (load_initial_weights, load_weights, read_finetune_checkpoint, take_checkpoint_flags,
+                           take_finetune_flags)
 from util import args as arguments
 from util.amp import grad_scaler, warn_if_emulated
 from util.args import check_args, get_args_parser, parse_args  # noqa: F401  (main.get_args_parser, as the original)
@@ -171,6 +172,11 @@ def run(args: argparse.Namespace) -> dict:
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
         take_checkpoint_flags(args, checkpoint)
+    # --finetune (a path, URL or hub name): likewise its architecture, but not its classes (this dataset's); the
+    # published checkpoints' categories are COCO's, which their args do not record
+    finetune = read_finetune_checkpoint(args.finetune, datasets.KNOWN_CATEGORY_NAMES) if args.finetune else None
+    if finetune is not None:
+        take_finetune_flags(args, finetune)
     logger.info("git: %s", get_sha())
     logger.info("args: %s", json.dumps(vars(args), default=str))
 
@@ -194,7 +200,8 @@ def run(args: argparse.Namespace) -> dict:
     optimizer = build_optimizer(model, args)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
 
-    load_initial_weights(args, model)  # --frozen_weights, --finetune or the backbone's own weights
+    load_initial_weights(args, model, finetune)  # --frozen_weights, --finetune or the backbone's own weights
+    finetune = None  # nor need its weights
     if checkpoint is not None:  # --resume
         load_weights(model, checkpoint, args.resume, args=args, flag="--resume")
         resume_training_state(args, checkpoint, optimizer, lr_scheduler, scaler)

@@ -10,11 +10,15 @@ from util.args import KNOWN_NUM_CLASSES
 from util.errors import UserFileNotFoundError, UserValueError
 
 from . import coco
+from .coco_categories import COCO_CATEGORY_NAMES, COCO_PANOPTIC_CATEGORY_NAMES
 
 # the class counts known without reading data (91 for coco, 250 for coco_panoptic, the original's): one table, shared
 # with models.build_model, which cannot import datasets/
 NUM_CLASSES = KNOWN_NUM_CLASSES
 SUPPORTED = "coco, coco_panoptic, synthetic or synthetic_panoptic"
+# the categories known without reading data: those of the original's published (COCO-trained) models, whose
+# checkpoints do not record them (--finetune compares them with this dataset's)
+KNOWN_CATEGORY_NAMES = {"coco": COCO_CATEGORY_NAMES, "coco_panoptic": COCO_PANOPTIC_CATEGORY_NAMES}
 
 
 def build_dataset(image_set: str, args) -> torch.utils.data.Dataset:

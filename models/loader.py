@@ -25,7 +25,7 @@ from models.backbone import load_backbone_weights
 from models.detr import build
 from util import args as arguments
 from util.args import KNOWN_NUM_CLASSES, KNOWN_THING_IDS, get_args_parser
-from util.checkpoint import load_checkpoint, load_model_state
+from util.checkpoint import component_of, load_checkpoint, load_model_state
 from util.dist import is_main_process
 from util.errors import UserValueError
 
@@ -98,20 +98,25 @@ def checkpoint_flags(checkpoint: dict) -> dict:
     return flags
 
 
-def take_checkpoint_flags(args, checkpoint: dict) -> dict:
-    """--resume: every ``ARCHITECTURE_FLAGS`` and ``SIZE_FLAGS`` flag not given (``util.args.given_flags``) takes the
-    checkpoint's value, over a dataset recipe's; recorded in ``args.checkpoint_applied`` (what changed) and
-    returned. A given architecture flag that differs from the checkpoint's is an error naming both values, a given
-    size a warning. Done before the model is built."""
+def take_checkpoint_flags(args, checkpoint: dict, *, flag: str = "--resume", source: Optional[str] = None,
+                          skip: tuple[str, ...] = ()) -> dict:
+    """--resume (and --finetune, ``flag``): every ``ARCHITECTURE_FLAGS`` and ``SIZE_FLAGS`` flag not given
+    (``util.args.given_flags``) and not in ``skip`` takes the checkpoint's value, over a dataset recipe's; returned
+    (what changed), and for --resume recorded in ``args.checkpoint_applied``. A given architecture flag that differs
+    from the checkpoint's is an error naming both values, a given size a warning. Done before the model is built.
+    ``source`` names the checkpoint in messages (default: ``args.resume``)."""
+    source = source or args.resume
     given = arguments.given_flags(args)
     applied, conflicts = {}, []
     for name, theirs in checkpoint_flags(checkpoint).items():
+        if name in skip:
+            continue
         ours = getattr(args, name, None)
         aliases = FLAG_ALIASES.get(name, {})
         if name not in given:
             if ours != theirs:  # a recipe's value the checkpoint agrees with stays listed as the recipe's
                 applied[name] = theirs
-                (args.defaults_applied or {}).pop(name, None)
+                (getattr(args, "defaults_applied", None) or {}).pop(name, None)
             setattr(args, name, copy.deepcopy(theirs))
         elif aliases.get(theirs, theirs) != aliases.get(ours, ours):
             if name in SIZE_FLAGS:
@@ -120,12 +125,17 @@ def take_checkpoint_flags(args, checkpoint: dict) -> dict:
             else:
                 conflicts.append(f"--{name}: checkpoint {theirs!r}, this run {ours!r}")
     if conflicts:
-        raise UserValueError("\n".join([f"--resume {args.resume} was trained with other architecture flags than the "
+        raise UserValueError("\n".join([f"{flag} {source} was trained with other architecture flags than the "
                                      f"ones given here; leave them out (the checkpoint's apply) or give its values:"]
                                     + [f"  {c}" for c in conflicts]
                                     + (["  (to train on another number of classes from its weights, use --finetune)"]
-                                       if any(c.startswith("--num_classes") for c in conflicts) else [])))
-    args.checkpoint_applied = applied
+                                       if any(c.startswith("--num_classes") for c in conflicts) else [])
+                                    + (["  (another --num_queries needs new object queries, which the checkpoint does "
+                                        "not have: fine-tune with its number, or train without --finetune)"]
+                                       if flag == "--finetune" and any(c.startswith("--num_queries") for c in conflicts)
+                                       else [])))
+    if flag == "--resume":
+        args.checkpoint_applied = applied
     return applied
 
 
@@ -194,9 +204,10 @@ def load_frozen_box_model(args, model_without_ddp) -> None:
     logger.info("Loaded the frozen box model from %s", args.frozen_weights)
 
 
-def load_initial_weights(args, model_without_ddp) -> None:
-    """--frozen_weights (box model under a mask head), --finetune (weights only) or the backbone's own weights; with
-    --resume none of them (the checkpoint's weights follow: ``load_weights``).
+def load_initial_weights(args, model_without_ddp, finetune: Optional[dict] = None) -> None:
+    """--frozen_weights (box model under a mask head), --finetune (weights only: ``load_finetune_weights``; its
+    checkpoint as ``read_finetune_checkpoint`` gave it, else read now) or the backbone's own weights; with --resume
+    none of them (the checkpoint's weights follow: ``load_weights``).
 
     Called before the DDP wrap. Backbone weights are read (or downloaded) by the main process only: DDP
     broadcasts its parameters and buffers to the other processes when it wraps the model, as in the original.
@@ -204,10 +215,7 @@ def load_initial_weights(args, model_without_ddp) -> None:
     if args.frozen_weights:
         load_frozen_box_model(args, model_without_ddp)
     elif args.finetune:
-        checkpoint = load_checkpoint(args.finetune)
-        skipped = load_weights(model_without_ddp, checkpoint, args.finetune, reinit_class_head=True)
-        logger.info("Fine-tuning from the weights of %s%s", args.finetune,
-                    f" (class head re-initialised: {skipped})" if skipped else "")
+        load_finetune_weights(model_without_ddp, finetune or read_finetune_checkpoint(args.finetune), args)
     elif not args.resume:
         if is_main_process():
             backbone = model_without_ddp.detr.backbone[0] if args.masks else model_without_ddp.backbone[0]
@@ -216,6 +224,102 @@ def load_initial_weights(args, model_without_ddp) -> None:
                         " (broadcast to the other processes)" if args.distributed else "")
         return
     logger.info("Backbone weights: from the checkpoint (--backbone_weights %s not used)", args.backbone_weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# --finetune: a checkpoint's weights for another dataset
+
+
+def read_finetune_checkpoint(source: str, known_categories: Optional[dict[str, dict[int, str]]] = None) -> dict:
+    """The checkpoint --finetune ``source`` names: a path, a URL (through the torch hub cache) or a hub name (the
+    published checkpoint, through the same cache), resolved as ``load_model`` resolves it. Its args are the run's
+    that wrote it; for a published checkpoint the flags of ``PUBLISHED`` (a hub name: only those; a file or URL of
+    one: under its own args) and, since the original's args record no categories, ``category_names`` from
+    ``known_categories[its dataset_file]`` (COCO's: the caller, main.py, supplies them from datasets/, which models/
+    does not import)."""
+    published = published_name(source)
+    published_args = {"dataset_file": "coco", **PUBLISHED[published][1]} if published else {}
+    if source in PUBLISHED:
+        checkpoint = load_checkpoint(PUBLISHED_URLS[source], local_path_ok=False)
+        ckpt_args = published_args  # a hub name's flags are the table's, whatever its checkpoint's args say
+    else:
+        refuse_unknown_hub_name(source)
+        checkpoint = load_checkpoint(source)
+        ckpt_args = {**published_args, **(checkpoint.get("args") or {})}
+    if published and ckpt_args.get("category_names") is None:
+        ckpt_args["category_names"] = (known_categories or {}).get(ckpt_args["dataset_file"])
+    checkpoint["args"] = ckpt_args
+    return checkpoint
+
+
+def take_finetune_flags(args, checkpoint: dict) -> dict:
+    """--finetune: every architecture flag not given takes the checkpoint's value (``take_checkpoint_flags``), so
+    ``--finetune detr_resnet50`` builds the published R50 without retyping its flags; not num_classes (this
+    dataset's: the class head is the one part fine-tuning may re-initialise) nor the evaluation size (this
+    dataset's images). A given architecture flag that differs is an error. Logged and returned."""
+    applied = take_checkpoint_flags(args, checkpoint, flag="--finetune", source=args.finetune,
+                                    skip=("num_classes",) + SIZE_FLAGS)
+    if applied:
+        logger.info("Fine-tuning from %s: its architecture for the flags you did not set: %s", args.finetune,
+                    " ".join(f"--{k}" if v is True else f"without --{k}" if v is False else f"--{k} {v}"
+                             for k, v in applied.items()))
+    return applied
+
+
+# a model's parts, in the order a fine-tuning message lists them (``util.checkpoint.component_of``'s names)
+PARTS = ("backbone", "positional encoding", "input projection", "transformer encoder", "transformer decoder",
+         "object queries", "box head", "class head", "spatial prior (--spatial_prior)", "segmentation head")
+
+
+def _category_names(names: Optional[dict]) -> Optional[dict[int, str]]:
+    return None if names is None else {int(k): str(v) for k, v in names.items()}
+
+
+def _describe_categories(names: Optional[dict[int, str]], limit: int = 5) -> str:
+    if names is None:
+        return "unnamed (the checkpoint records no categories)"
+    shown = ", ".join(f"{i} {n}" for i, n in sorted(names.items())[:limit])
+    return f"{len(names)} categories: {shown}{', ...' if len(names) > limit else ''}"
+
+
+def load_finetune_weights(model: nn.Module, checkpoint: dict, args) -> list[str]:
+    """--finetune: the checkpoint's weights into ``model``, all but the class head unless its classes are this
+    dataset's: the same number (rows) and the same categories, ids and names (the checkpoint's args'
+    ``category_names`` against ``args.category_names``, the dataset's). Otherwise the class head keeps its fresh
+    initialisation: same-sized rows of other categories (a dataset with ids 1..K under COCO's person, bicycle, ...)
+    would start the training from wrong classes. Any other part that does not fit is an error naming the
+    architecture flags that differ. Says in one line what was loaded and what initialised; returns the keys
+    initialised."""
+    own = model.state_dict()
+    state = dict(checkpoint["model"])
+    head = [k for k in own if component_of(k) == "the class head"]
+    theirs = _category_names((checkpoint.get("args") or {}).get("category_names"))
+    ours = _category_names(getattr(args, "category_names", None))
+    same_rows = all(k in state and tuple(state[k].shape) == tuple(own[k].shape) for k in head)
+    keep_head = same_rows and theirs is not None and theirs == ours
+    rows = next((int(state[k].shape[0]) for k in head if k in state), None)
+    if not keep_head:
+        for k in head:  # the model's fresh initialisation, loaded as if it were the checkpoint's
+            state[k] = own[k]
+    # num_classes is this dataset's: not an architecture difference to report
+    ckpt_args = {k: v for k, v in (checkpoint.get("args") or {}).items() if k != "num_classes"}
+    load_weights(model, {**checkpoint, "model": state, "args": ckpt_args}, args.finetune, args=args,
+                 flag="--finetune")
+    loaded = [k for k in own if keep_head or k not in head]
+    parts = sorted(dict.fromkeys(component_of(k).removeprefix("the ") for k in loaded),
+                   key=lambda part: PARTS.index(part) if part in PARTS else len(PARTS))
+    if keep_head:
+        parts[parts.index("class head")] = f"class head: the checkpoint's categories are this dataset's, " \
+                                           f"{_describe_categories(ours)}"
+        initialised = "nothing"
+    else:
+        why = ("the checkpoint records no categories" if theirs is None and same_rows else
+               f"the checkpoint's {rows} rows are {_describe_categories(theirs)}; this dataset's are "
+               f"{_describe_categories(ours)}")
+        initialised = f"the class head ({args.num_classes + 1} rows: {args.num_classes} classes + no-object; {why})"
+    logger.info("Fine-tuning from %s: loaded %d tensors (%s); initialised: %s", args.finetune, len(loaded),
+                ", ".join(parts), initialised)
+    return [] if keep_head else head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,6 +345,14 @@ def published_name(source: str) -> Optional[str]:
         if source == url or Path(source).name == Path(url).name:
             return name
     return None
+
+
+def refuse_unknown_hub_name(source: str) -> None:
+    """A ``source`` that is no file, no URL and no ``PUBLISHED`` name but looks like a name: an error listing them."""
+    if (source not in PUBLISHED and not source.startswith(("https://", "http://")) and not Path(source).exists()
+            and "." not in source and "/" not in source):
+        raise UserValueError(f"unknown hub model {source!r} (and no such checkpoint file); expected a checkpoint "
+                             f"path, a URL or one of {', '.join(PUBLISHED)}")
 
 
 def build_from_flags(flags: dict[str, Any]) -> tuple[argparse.Namespace, nn.Module, dict[str, nn.Module]]:
@@ -289,10 +401,7 @@ def load_model(source: str, *, device: Union[str, torch.device, None] = None, ov
         checkpoint = load_checkpoint(where, local_path_ok=False) if pretrained else None
         ckpt_args, architecture = {}, {}  # a hub name's flags are the table's, whatever its checkpoint's args say
     else:
-        if (not source.startswith(("https://", "http://")) and not Path(source).exists()
-                and "." not in source and "/" not in source):
-            raise UserValueError(f"unknown hub model {source!r} (and no such checkpoint file); expected a checkpoint "
-                                 f"path, a URL or one of {', '.join(PUBLISHED)}")
+        refuse_unknown_hub_name(source)
         checkpoint = load_checkpoint(source)
         where, ckpt_args, architecture = source, dict(checkpoint.get("args") or {}), checkpoint_flags(checkpoint)
     flags = {**hub_flags, **ckpt_args, **architecture, **INFERENCE_FLAGS, **overrides}

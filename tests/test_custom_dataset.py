@@ -98,3 +98,41 @@ def test_mask_model_gets_box_and_mask_ap(custom_data, tmp_path, caplog):
     for key in ("coco_eval_bbox", "coco_eval_masks"):
         assert evaluated[key] == pytest.approx(logged[f"test_{key}"], abs=1e-6)
     assert evaluated["loss"] == pytest.approx(logged["test_loss"], rel=1e-5)
+
+
+def test_finetune_keeps_the_architecture_and_the_class_head_only_for_the_same_categories(custom_data, tmp_path,
+                                                                                        caplog):
+    source = tmp_path / "source"
+    detr_main.main(detr_main.parse_args(["--dataset_file", "coco", "--output_dir", str(source)] + _paths(custom_data)
+                                        + TINY + ["--hidden_dim", "32", "--nheads", "4"]))
+    trained = torch.load(source / "checkpoint.pth", weights_only=True)["model"]
+    # the same images and ids under other names: the class head's rows would be the wrong categories
+    renamed = tmp_path / "renamed"
+    (renamed / "ann").mkdir(parents=True)
+    for split in ("train", "val"):
+        data = json.loads((custom_data / "ann" / f"{split}.json").read_text())
+        data["categories"] = [{**c, "name": c["name"].upper()} for c in data["categories"]]
+        (renamed / "ann" / f"{split}.json").write_text(json.dumps(data))
+    paths = [f for split in ("train", "val") for f in (f"--{split}_json", str(renamed / "ann" / f"{split}.json"),
+                                                       f"--{split}_images", str(custom_data / "imgs"))]
+    # no architecture flag given: they are the checkpoint's (--num_classes: this dataset's)
+    training = ["--batch_size", "2", "--num_workers", "0", "--epochs", "1", "--lr", "0", "--lr_backbone", "0",
+                "--scales", "64", "--max_size", "80", "--val_size", "64", "--crop_scales", "--device", "cpu"]
+    for data_paths, out in [(paths, tmp_path / "renamed_run"), (_paths(custom_data), tmp_path / "same_run")]:
+        with caplog.at_level(logging.INFO):
+            detr_main.main(detr_main.parse_args(["--dataset_file", "coco", "--output_dir", str(out), "--finetune",
+                                                 str(source / "checkpoint.pth")] + data_paths + training))
+    assert (f"Fine-tuning from {source / 'checkpoint.pth'}: its architecture for the flags you did not set: "
+            f"--backbone resnet18") in caplog.text
+    renamed_run = torch.load(tmp_path / "renamed_run" / "checkpoint.pth", weights_only=True)
+    same_run = torch.load(tmp_path / "same_run" / "checkpoint.pth", weights_only=True)
+    for ckpt in (renamed_run, same_run):
+        assert (ckpt["args"]["hidden_dim"], ckpt["args"]["num_queries"], ckpt["args"]["num_classes"]) == (32, 5, 13)
+        # lr 0: the weights are the ones loaded (or initialised)
+        assert torch.equal(ckpt["model"]["query_embed.weight"], trained["query_embed.weight"])
+    assert not torch.equal(renamed_run["model"]["class_embed.weight"], trained["class_embed.weight"])
+    assert torch.equal(same_run["model"]["class_embed.weight"], trained["class_embed.weight"])
+    assert ("initialised: the class head (14 rows: 13 classes + no-object; the checkpoint's 14 rows are 3 categories: "
+            "3 oval, 7 box, 12 wedge; this dataset's are 3 categories: 3 OVAL, 7 BOX, 12 WEDGE)") in caplog.text
+    assert "class head: the checkpoint's categories are this dataset's, 3 categories: 3 oval, 7 box, 12 wedge); " \
+           "initialised: nothing" in caplog.text

@@ -9,7 +9,9 @@ import torch
 
 from datasets import recipes
 from models import build_model
-from models.loader import PUBLISHED_URLS, checkpoint_flags, load_model, take_checkpoint_flags
+from datasets.coco_categories import COCO_CATEGORY_NAMES
+from models.loader import (PUBLISHED_URLS, checkpoint_flags, load_finetune_weights, load_model,
+                           read_finetune_checkpoint, take_checkpoint_flags, take_finetune_flags)
 from util import args as arguments
 from util.checkpoint import save_checkpoint
 
@@ -158,3 +160,107 @@ def test_hub_names_without_overrides_get_their_datasets_class_count():
     # the box models' table entries name no dataset: the parser's default, coco, gives 91 classes (as hubconf's)
     box = load_model("detr_resnet50", device="cpu", pretrained=False)
     assert box.args["num_classes"] == 91 and box.model.class_embed.out_features == 92 and box.thing_ids is None
+
+
+def test_finetune_from_a_hub_name_takes_the_published_architecture(hub_cache, caplog):
+    # the published checkpoint's file in the cache (a stand-in: a hub name's flags are the PUBLISHED table's)
+    fake = {"model": {"class_embed.bias": torch.zeros(92)}, "args": argparse.Namespace(lr=1e-4, backbone="resnet50")}
+    torch.save(fake, hub_cache / os.path.basename(PUBLISHED_URLS["detr_resnet50_dc5"]))
+    coco = {1: "person", 2: "bicycle"}
+    checkpoint = read_finetune_checkpoint("detr_resnet50_dc5", {"coco": coco})
+    assert checkpoint["args"]["category_names"] == coco  # the caller's COCO names: the original's args have none
+    # on the synthetic recipe's small model: every architecture flag not given becomes the published R50-DC5's
+    args = arguments.parse_args(["--dataset_file", "synthetic", "--finetune", "detr_resnet50_dc5"])
+    recipes.apply_dataset_recipe(args)
+    with caplog.at_level(logging.INFO):
+        applied = take_finetune_flags(args, checkpoint)
+    assert (args.backbone, args.dilation, args.hidden_dim, args.num_queries) == ("resnet50", True, 256, 100)
+    assert (args.backbone_norm, args.backbone_last_layer, args.spatial_prior) == ("frozen_bn", "layer4", False)
+    assert "backbone" not in args.defaults_applied and applied["hidden_dim"] == 256
+    assert args.num_classes is None and args.val_size == 128  # this dataset's classes and images
+    assert "Fine-tuning from detr_resnet50_dc5: its architecture for the flags you did not set: " in caplog.text
+    assert "--backbone resnet50 --dilation" in caplog.text
+    # a given architecture flag against the checkpoint's is an error naming it
+    args = arguments.parse_args(["--finetune", "detr_resnet50_dc5", "--num_queries", "50"])
+    with pytest.raises(ValueError) as err:
+        take_finetune_flags(args, checkpoint)
+    assert "--finetune detr_resnet50_dc5 was trained with other architecture flags" in str(err.value)
+    assert "--num_queries: checkpoint 100, this run 50" in str(err.value)
+    assert "another --num_queries needs new object queries" in str(err.value)
+    with pytest.raises(ValueError, match="unknown hub model 'detr_resnet18'"):
+        read_finetune_checkpoint("detr_resnet18")
+    with pytest.raises(RuntimeError, match="could not be downloaded"):
+        read_finetune_checkpoint("detr_resnet101")  # not in the cache, offline
+
+
+def _finetune_onto(checkpoint: dict, category_names: dict, **flags):
+    """A fresh tiny model for a dataset with ``category_names``, fine-tuned from ``checkpoint``."""
+    torch.manual_seed(1)
+    args = tiny_args(**flags)
+    args.finetune, args.category_names = "source.pth", category_names
+    model, _, _ = build_model(args)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    initialised = load_finetune_weights(model, checkpoint, args)
+    return model, fresh, initialised
+
+
+def test_finetune_keeps_the_class_head_only_for_the_same_categories(tmp_path, caplog):
+    torch.manual_seed(0)
+    args = tiny_args()  # 4 classes: ids 1..3 and the unused 0
+    args.category_names = {1: "circle", 2: "square", 3: "triangle"}
+    source, _, _ = build_model(args)
+    checkpoint = {"model": source.state_dict(), "args": vars(args)}
+    caplog.set_level(logging.INFO)
+
+    # the same ids and names (keys as str: a checkpoint whose args went through JSON): everything loads
+    model, _, initialised = _finetune_onto(checkpoint, {"1": "circle", "2": "square", "3": "triangle"})
+    assert initialised == [] and torch.equal(model.class_embed.weight, source.class_embed.weight)
+    assert "initialised: nothing" in caplog.text and "class head: the checkpoint's categories are" in caplog.text
+
+    # the same ids and rows, other names (a dataset with ids 1..K under COCO's person, bicycle, ...): re-initialised
+    caplog.clear()
+    model, fresh, initialised = _finetune_onto(checkpoint, {1: "cat", 2: "dog", 3: "bird"})
+    assert initialised == ["class_embed.weight", "class_embed.bias"]
+    assert torch.equal(model.class_embed.weight, fresh["class_embed.weight"])
+    for k, v in source.state_dict().items():
+        if not k.startswith("class_embed."):
+            assert torch.equal(model.state_dict()[k], v), k
+    n = len(source.state_dict()) - 2
+    assert (f"Fine-tuning from source.pth: loaded {n} tensors (backbone, input projection, transformer encoder, "
+            f"transformer decoder, object queries, box head); initialised: the class head (5 rows: 4 classes + "
+            f"no-object; the checkpoint's 5 rows are 3 categories: 1 circle, 2 square, 3 triangle; this dataset's "
+            f"are 3 categories: 1 cat, 2 dog, 3 bird)") in caplog.text
+
+    # the same names under other ids, another class count, a checkpoint recording no categories: re-initialised
+    for names, flags in [({2: "circle", 3: "square", 4: "triangle"}, {"num_classes": 5}),
+                         ({3: "circle", 7: "square", 12: "triangle"}, {"num_classes": 13})]:
+        assert _finetune_onto(checkpoint, names, **flags)[2] == ["class_embed.weight", "class_embed.bias"]
+    unnamed = {**checkpoint, "args": {k: v for k, v in vars(args).items() if k != "category_names"}}
+    caplog.clear()
+    assert _finetune_onto(unnamed, args.category_names)[2] == ["class_embed.weight", "class_embed.bias"]
+    assert "no-object; the checkpoint records no categories)" in caplog.text
+
+    # any other difference is an error naming the flags
+    with pytest.raises(ValueError, match="--finetune source.pth was trained with another architecture.*\n"
+                                         "  --hidden_dim: checkpoint 32, this run 64"):
+        _finetune_onto(checkpoint, args.category_names, hidden_dim=64, nheads=4)
+
+
+def test_finetune_from_a_published_file_knows_its_categories_are_cocos(tmp_path, caplog):
+    # the original's args (a Namespace without categories), under a published file name: its classes are COCO's
+    torch.manual_seed(0)
+    args = tiny_args(num_classes=91)
+    source, _, _ = build_model(args)
+    path = tmp_path / os.path.basename(PUBLISHED_URLS["detr_resnet50"])
+    torch.save({"model": source.state_dict(), "args": argparse.Namespace(**vars(args))}, path)
+    checkpoint = read_finetune_checkpoint(str(path), {"coco": COCO_CATEGORY_NAMES})
+    assert checkpoint["args"]["category_names"] == COCO_CATEGORY_NAMES
+    # fine-tuning COCO on COCO keeps the class head
+    model, _, initialised = _finetune_onto(checkpoint, COCO_CATEGORY_NAMES, num_classes=91)
+    assert initialised == [] and torch.equal(model.class_embed.weight, source.class_embed.weight)
+    # ids 1..90 of other categories do not inherit COCO's rows
+    caplog.set_level(logging.INFO)
+    model, fresh, initialised = _finetune_onto(checkpoint, {i: f"part{i}" for i in range(1, 91)}, num_classes=91)
+    assert initialised and torch.equal(model.class_embed.weight, fresh["class_embed.weight"])
+    assert ("the checkpoint's 92 rows are 80 categories: 1 person, 2 bicycle, 3 car, 4 motorcycle, 5 airplane, ...; "
+            "this dataset's are 90 categories: 1 part1") in caplog.text

@@ -149,8 +149,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                                "as given when it is on the command line, or, for a script calling main.main(args) "
                                "without args.explicit_flags, when its value differs from the parser's default")
     training.add_argument("--finetune", default="",
-                          help="start from a checkpoint's model weights only (path or URL); a class head of another "
-                               "size is re-initialised with a warning; optimizer and epoch start fresh")
+                          help="start from a checkpoint's model weights only: a path, a URL or a hub name "
+                               "(detr_resnet50, ...: the published weights, from the torch hub cache). The "
+                               "architecture flags not given are the checkpoint's; the class head is re-initialised "
+                               "unless the checkpoint's categories (ids and names) are this dataset's; optimizer and "
+                               "epoch start fresh")
     training.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     training.add_argument("--compile", action="store_true",
                           help="torch.compile the model (pays on long runs: about 1.15x faster training steps on a "

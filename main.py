@@ -109,26 +109,6 @@ def build_loaders(args):
     return loader_train, sampler_train, loader_val, dataset_val
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def write_epoch_outputs(output_dir: Path, log_stats: dict, coco_evaluator, epoch: int) -> None:
     with (output_dir / "log.txt").open("a") as f:
         f.write(json.dumps(log_stats) + "\n")

@@ -407,14 +407,8 @@ def test_gradient_clipping_clips():
     assert torch.linalg.vector_norm(model.w.detach() - 1.0).item() == pytest.approx(2000.0, rel=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
-def test_warmup_scales_what_the_scheduler_set_even_after_a_drop():
-    model = _Quadratic()
-    optimizer = torch.optim.SGD([{"params": [model.w]}], lr=0.1)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
-    scheduler.step()
-    scheduler.step()  # the drop already happened: lr 0.01, initial_lr still 0.1
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+def _record_lrs(optimizer) -> list:
+    """The learning rate of each optimizer.step() call, appended to the returned list as the steps happen."""
     used = []
     step = optimizer.step
 
@@ -423,6 +417,18 @@ def test_warmup_scales_what_the_scheduler_set_even_after_a_drop():
         return step(*a, **k)
 
     optimizer.step = recording_step
+    return used
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_warmup_scales_what_the_scheduler_set_even_after_a_drop():
+    model = _Quadratic()
+    optimizer = torch.optim.SGD([{"params": [model.w]}], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    scheduler.step()
+    scheduler.step()  # the drop already happened: lr 0.01, initial_lr still 0.1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    used = _record_lrs(optimizer)
     stats = train_one_epoch(model, _QuadraticCriterion(), _batches(6), optimizer, torch.device("cpu"), 0,
                             warmup_iters=4)
     assert used == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
@@ -599,14 +605,7 @@ class _AccumulatingQuadraticCriterion(_QuadraticCriterion):
 def test_accumulation_warmup_and_epoch_count_optimizer_steps(caplog):
     model = _Quadratic()
     optimizer = torch.optim.SGD([{"params": [model.w]}], lr=0.1)
-    used = []
-    step = optimizer.step
-
-    def recording_step(*a, **k):
-        used.append(optimizer.param_groups[0]["lr"])
-        return step(*a, **k)
-
-    optimizer.step = recording_step
+    used = _record_lrs(optimizer)
     criterion = _AccumulatingQuadraticCriterion()
     with caplog.at_level(logging.INFO):
         train_one_epoch(model, criterion, _batches(7), optimizer, torch.device("cpu"), 0, warmup_iters=5,

@@ -226,6 +226,17 @@ def _logged_epochs(out: Path) -> list:
     return log_epochs(out) if (out / "log.txt").exists() else []
 
 
+def _submit_gated(out: Path, tmp_path: Path, argv: list) -> tuple:
+    """Submit a Slurm job whose processes wait at the end of each epoch while OUTPUT_DIR/GATE exists; returns its
+    id, its job folder and a reader of rank 0's log."""
+    proc = submit(["--nodes", "1", "--job_dir", str(tmp_path / "job" / "%j"), "--output_dir", str(out)] + argv,
+                  env={"DETR_TEST_GATE": GATE})
+    job_id = re.search(r"Submitted job (\d+) \(slurm\)", proc.stdout).group(1)
+    folder = tmp_path / "job" / job_id
+    rank0_log = folder / f"{job_id}_0_log.out"
+    return job_id, folder, lambda: rank0_log.read_text() if rank0_log.exists() else ""
+
+
 def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, data_dir, tmp_path):
     """A real 2-task Slurm job (CPU, gloo): requeued by the cluster at the end of epoch 0 (`scontrol requeue`, as a
     preemption: submitit's checkpoint() is not called), then sent the time-limit signal (USR2: checkpoint() requeues
@@ -233,14 +244,8 @@ def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, data_dir, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     (out / GATE).touch()
-    proc = submit(["--nodes", "1", "--job_dir", str(tmp_path / "job" / "%j"), "--output_dir", str(out), "--coco_path",
-                   str(data_dir), "--epochs", str(REQUEUE_EPOCHS)] + JOB + TINY, env={"DETR_TEST_GATE": GATE})
-    job_id = re.search(r"Submitted job (\d+) \(slurm\)", proc.stdout).group(1)
-    folder = tmp_path / "job" / job_id
-    rank0_log = folder / f"{job_id}_0_log.out"
-
-    def log_text() -> str:
-        return rank0_log.read_text() if rank0_log.exists() else ""
+    job_id, folder, log_text = _submit_gated(out, tmp_path, ["--coco_path", str(data_dir), "--epochs",
+                                                            str(REQUEUE_EPOCHS)] + JOB + TINY)
 
     try:
         _wait("the end of epoch 0", lambda: _logged_epochs(out) == [0], folder)
@@ -284,14 +289,7 @@ def test_slurm_two_stage_job_requeued_in_each_stage_resumes_that_stage(slurm, da
     box.mkdir(parents=True)
     (box / GATE).touch()
     (out / GATE).touch()
-    proc = submit(["--nodes", "1", "--job_dir", str(tmp_path / "job" / "%j"), "--output_dir", str(out), "--coco_path",
-                   str(data_dir)] + JOB + PANOPTIC_TINY, env={"DETR_TEST_GATE": GATE})
-    job_id = re.search(r"Submitted job (\d+) \(slurm\)", proc.stdout).group(1)
-    folder = tmp_path / "job" / job_id
-    rank0_log = folder / f"{job_id}_0_log.out"
-
-    def log_text() -> str:
-        return rank0_log.read_text() if rank0_log.exists() else ""
+    job_id, folder, log_text = _submit_gated(out, tmp_path, ["--coco_path", str(data_dir)] + JOB + PANOPTIC_TINY)
 
     try:
         _wait("the end of stage 1's epoch 0", lambda: _logged_epochs(box) == [0], folder)

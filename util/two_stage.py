@@ -71,7 +71,7 @@ def resume_stage(stage: argparse.Namespace, name: str, apply_recipe: ApplyRecipe
     checkpoint = load_checkpoint(str(own))
     probe = copy.deepcopy(stage)
     apply_recipe(probe)
-    # the epochs the resumed stage trains to (util.checkpoint.resume_schedule): the checkpoint's unless --epochs was given
+    # the epochs the resumed stage trains to (util.checkpoint.resume_schedule): the checkpoint's unless --epochs given
     epochs = probe.epochs
     if "epochs" not in given_flags(probe):
         epochs = (checkpoint.get("args") or {}).get("epochs", epochs)

@@ -305,7 +305,9 @@ def test_torchrun_two_processes_train_then_eval_equals_one_process(data_dir, tmp
     common = ["main.py"] + TINY + ["--coco_path", str(data_dir), "--batch_size", "1"]
     proc = run(torchrun(2) + common + ["--epochs", "1", "--output_dir", str(train_dir)])
     assert "effective batch size: 2 (1 per process x 2 processes)" in proc.stdout
-    assert sorted(p.name for p in train_dir.iterdir()) == ["checkpoint.pth", "eval", "log.txt"]
+    assert sorted(p.name for p in train_dir.iterdir()) == ["args.json", "checkpoint.pth", "console.log", "eval",
+                                                           "log.txt", "tensorboard"]  # rank 0's only
+    assert len(list((train_dir / "tensorboard").iterdir())) == 1
     lines = (train_dir / "log.txt").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 0
     assert torch.load(train_dir / "checkpoint.pth", weights_only=True)["epoch"] == 0

@@ -5,7 +5,7 @@ import json
 import logging
 import math
 import os
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -21,6 +21,27 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+# What the console lines show: the total loss, the weighted main-layer terms (the masks' with --masks), the class
+# error and the lr. Every other value (each auxiliary layer's loss, the unscaled terms) goes to log.txt, the log file
+# and TensorBoard only.
+CONSOLE_METERS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice", "class_error", "lr")
+
+
+def _log_averages(metric_logger: MetricLogger) -> None:
+    """The epoch's averages: the console's meters on the console, every meter in the log file."""
+    logger.info("Averaged stats: %s", metric_logger.console_str())
+    logger.info("Averaged stats (all): %s", metric_logger, extra={"file_only": True})
+
+
+def _tensorboard_steps(writer, first_step: int) -> Callable[[int, MetricLogger], None]:
+    """``MetricLogger.log_every``'s on_log: each meter's latest value as the scalar train/<name> at the global
+    iteration ``first_step + i``."""
+    def on_log(i: int, metric_logger: MetricLogger) -> None:
+        for name, meter in metric_logger.meters.items():
+            writer.add_scalar(f"train/{name}", meter.value, first_step + i)
+    return on_log
 
 
 def _weighted_losses(loss_dict: dict, weight_dict: dict) -> torch.Tensor:
@@ -68,7 +89,8 @@ def _no_sync(model: torch.nn.Module, sync: bool):
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, max_norm: float = 0,
                     warmup_iters: int = 0, max_consecutive_nonfinite: int = 5, print_freq: int = 10,
-                    amp: str = "off", scaler: Optional[torch.amp.GradScaler] = None, accum_steps: int = 1) -> dict:
+                    amp: str = "off", scaler: Optional[torch.amp.GradScaler] = None, accum_steps: int = 1,
+                    tensorboard=None) -> dict:
     """Train for one epoch; returns the epoch's global averages of every logged value.
 
     ``accum_steps`` K > 1 accumulates the gradients of K micro-batches (batches of ``data_loader``) into one
@@ -82,13 +104,14 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     again when the epoch ends. A step whose loss is not finite is skipped and reported
     (loss values and image ids); after ``max_consecutive_nonfinite`` such steps in a row training stops.
     ``amp`` 'bf16' / 'fp16' runs the model's forward under autocast (losses and matching stay fp32); ``scaler``
-    (fp16) scales the loss and skips steps whose gradients overflow.
+    (fp16) scales the loss and skips steps whose gradients overflow. ``tensorboard`` (a SummaryWriter, or None)
+    receives every logged value at each console line (``print_freq``), at the global iteration.
     """
     if accum_steps < 1:
         raise ValueError(f"train_one_epoch: accum_steps must be at least 1, got {accum_steps}")
     model.train()
     criterion.train()
-    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger = MetricLogger(delimiter="  ", console=CONSOLE_METERS)
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     header = f"Epoch: [{epoch}]"
@@ -102,7 +125,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
     # the learning rates the lr scheduler set for this epoch; a warmup scales them, whatever they are
     scheduled_lrs = [group["lr"] for group in optimizer.param_groups]
-    for i, micro_batches in enumerate(metric_logger.log_every(steps, print_freq, header)):
+    on_log = _tensorboard_steps(tensorboard, epoch * len(steps)) if tensorboard is not None else None
+    for i, micro_batches in enumerate(metric_logger.log_every(steps, print_freq, header, on_log)):
         global_iter = epoch * len(steps) + i  # counts optimizer steps
         if global_iter < warmup_iters:
             for group, lr in zip(optimizer.param_groups, scheduled_lrs):
@@ -178,7 +202,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     for group, lr in zip(optimizer.param_groups, scheduled_lrs):
         group["lr"] = lr
     metric_logger.synchronize_between_processes()
-    logger.info("Averaged stats: %s", metric_logger)
+    _log_averages(metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["skipped_steps"] = skipped
     return stats
@@ -209,7 +233,7 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     """
     model.eval()
     criterion.eval()
-    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger = MetricLogger(delimiter="  ", console=CONSOLE_METERS)
     metric_logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     header = "Test:"
 
@@ -248,7 +272,7 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
             panoptic_evaluator.update(res_pano)
 
     metric_logger.synchronize_between_processes()
-    logger.info("Averaged stats: %s", metric_logger)
+    _log_averages(metric_logger)
     coco_evaluator.synchronize_between_processes()
     coco_evaluator.accumulate()
     coco_evaluator.summarize()

@@ -53,13 +53,15 @@ from models.loader import (load_initial_weights, load_weights, read_finetune_che
 from util import args as arguments
 from util.amp import grad_scaler, warn_if_emulated
 from util.args import check_args, get_args_parser, parse_args  # noqa: F401  (main.get_args_parser, as the original)
-from util.checkpoint import checkpoint_dict, checkpoint_paths, load_checkpoint, resume_training_state, save_checkpoint
+from util.checkpoint import (atomic_write, checkpoint_dict, checkpoint_paths, load_checkpoint, resume_training_state,
+                             save_checkpoint)
 from util.compile import CompiledOrEager
 from util.dist import (barrier, destroy_distributed, get_rank, get_world_size, init_distributed_mode, is_main_process,
                        local_main_first, wait_at_test_gate)
 from util.errors import user_errors_as_messages
 from util.git import get_sha
-from util.logger import log_start, setup_logging
+from util.logger import log_start, log_to_file, setup_logging
+from util.tensorboard import open_writer, write_epoch
 from util.nested_tensor import collate_fn
 from util.two_stage import train_two_stages, two_stages_apply
 
@@ -135,15 +137,16 @@ def main(args: argparse.Namespace) -> dict:
     if args.two_stage:  # the dataset's default does not apply to one stage's run (--masks, --eval, ...)
         args.two_stage = False
         args.defaults_applied.pop("two_stage", None)
-    init_distributed_mode(args)
-    try:
-        stats = run(args)
-        # every process done before any tears down its group: a 2-process gloo test once aborted (SIGABRT) in the
-        # rank that left the last collective first; not on errors (a barrier would then wait for the failed rank)
-        barrier()
-        return stats
-    finally:
-        destroy_distributed()
+    with log_to_file(Path(args.output_dir) / "console.log" if args.output_dir else None):
+        init_distributed_mode(args)
+        try:
+            stats = run(args)
+            # every process done before any tears down its group: a 2-process gloo test once aborted (SIGABRT) in the
+            # rank that left the last collective first; not on errors (a barrier would then wait for the failed rank)
+            barrier()
+            return stats
+        finally:
+            destroy_distributed()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -158,7 +161,9 @@ def run(args: argparse.Namespace) -> dict:
     if finetune is not None:
         take_finetune_flags(args, finetune)
     logger.info("git: %s", get_sha())
-    logger.info("args: %s", json.dumps(vars(args), default=str))
+    # the console: the flags given (a recipe's and a checkpoint's are logged by log_start); the log file: all of them
+    logger.info("args given: %s", arguments.command_line(args, args.explicit_flags) or "(none)")
+    logger.info("args: %s", json.dumps(vars(args), default=str), extra={"file_only": True})
 
     device = torch.device(args.device)
     seed_everything(args.seed + get_rank())  # a different seed per process, as the original
@@ -193,6 +198,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.compile:
         model = CompiledOrEager(model)
     log_start(args, model_without_ddp)
+    if args.output_dir and is_main_process():
+        write_args(Path(args.output_dir), args)
 
     # for a panoptic dataset: the detection annotations of the same images, for box (and mask) AP, as the original
     base_ds = get_coco_api_from_dataset(dataset_val)
@@ -203,13 +210,32 @@ def run(args: argparse.Namespace) -> dict:
         if output_dir and is_main_process() and "bbox" in coco_evaluator.coco_eval:
             save_checkpoint(plain_eval(coco_evaluator.coco_eval["bbox"]), str(output_dir / "eval.pth"))
         return test_stats
-    return train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
-                 loader_train, sampler_train, loader_val, base_ds, device, output_dir)
+    tensorboard = open_writer(output_dir, getattr(args, "tensorboard", "on")) if is_main_process() else None
+    try:
+        return train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
+                     loader_train, sampler_train, loader_val, base_ds, device, output_dir, tensorboard)
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
+
+
+def write_args(output_dir: Path, args: argparse.Namespace) -> None:
+    """OUTPUT_DIR/args.json: every argument of the run, as it starts (after the recipe, the checkpoint's flags and
+    the derived values such as num_classes)."""
+    with atomic_write(str(output_dir / "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2, default=str)
+        f.write("\n")
+
+
+def evaluates_at(epoch: int, args) -> bool:
+    """--eval_every N: after every N-th epoch (epochs N-1, 2N-1, ...) and after the last one."""
+    return (epoch + 1) % getattr(args, "eval_every", 1) == 0 or epoch == args.epochs - 1
 
 
 def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler, loader_train,
-          sampler_train, loader_val, base_ds, device, output_dir: Optional[Path]) -> dict:
-    """The epoch loop: train, step the lr, checkpoint, evaluate, log."""
+          sampler_train, loader_val, base_ds, device, output_dir: Optional[Path], tensorboard=None) -> dict:
+    """The epoch loop: train, step the lr, checkpoint, evaluate (--eval_every), log (log.txt, and ``tensorboard``,
+    a SummaryWriter, when given). Returns the last evaluation's stats."""
     logger.info("Start training")
     start_time = time.time()
     test_stats = {}
@@ -218,29 +244,36 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                       warmup_iters=args.warmup_iters, amp=args.amp, scaler=scaler,
-                                      accum_steps=args.accum_steps)
+                                      accum_steps=args.accum_steps, tensorboard=tensorboard)
         lr_scheduler.step()
         if output_dir and is_main_process():
             state = checkpoint_dict(model_without_ddp, optimizer, lr_scheduler, epoch, args, scaler)
             for path in checkpoint_paths(output_dir, epoch, args.lr_drop):
                 save_checkpoint(state, str(path))
 
-        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                              args.output_dir, coco_eval_backend=args.coco_eval_backend, amp=args.amp)
+        epoch_test_stats, coco_evaluator = {}, None
+        if evaluates_at(epoch, args):
+            epoch_test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
+                                                        args.output_dir, coco_eval_backend=args.coco_eval_backend,
+                                                        amp=args.amp)
+            test_stats = epoch_test_stats
+        # an epoch without evaluation has no test_* keys (util.plot_utils and util.two_stage skip it)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in test_stats.items()},
+                     **{f"test_{k}": v for k, v in epoch_test_stats.items()},
                      "epoch": epoch,
                      "n_parameters": sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad),
                      "elapsed_s": round(time.time() - start_time, 1)}
         if output_dir and is_main_process():
             write_epoch_outputs(output_dir, log_stats, coco_evaluator, epoch)
-        if "coco_eval_bbox" in test_stats:
-            ap, ap50 = test_stats["coco_eval_bbox"][:2]
+        if tensorboard is not None:
+            write_epoch(tensorboard, log_stats, epoch)
+        if "coco_eval_bbox" in epoch_test_stats:
+            ap, ap50 = epoch_test_stats["coco_eval_bbox"][:2]
             logger.info("epoch %d: bbox AP %.3f AP50 %.3f (%.1f min)", epoch, ap, ap50,
                         (time.time() - start_time) / 60)
-        if "PQ_all" in test_stats:
+        if "PQ_all" in epoch_test_stats:
             logger.info("epoch %d: PQ %.1f (things %.1f, stuff %.1f)", epoch,
-                        *(100 * test_stats[k]["pq"] for k in ("PQ_all", "PQ_th", "PQ_st")))
+                        *(100 * epoch_test_stats[k]["pq"] for k in ("PQ_all", "PQ_th", "PQ_st")))
         if output_dir:
             wait_at_test_gate(output_dir)
 

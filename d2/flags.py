@@ -81,6 +81,8 @@ NOT_IN_CONFIG = {
     "accum_steps": "Detectron2's trainer has no gradient accumulation (SOLVER.IMS_PER_BATCH is the whole batch)",
     "aspect_ratio_grouping": "DATALOADER.ASPECT_RATIO_GROUPING (Detectron2 groups by default)",
     "coco_eval_backend": "Detectron2's COCOEvaluator (pycocotools, or its own fast C++ evaluation)",
+    "eval_every": "TEST.EVAL_PERIOD counts iterations (0: only after training)",
+    "tensorboard": "Detectron2's trainer writes TensorBoard events (and metrics.json) into OUTPUT_DIR itself",
     "dist_backend": "Detectron2's launch (NCCL on GPUs, gloo on CPU)",
     "dist_timeout": "Detectron2's launch (its own timeout argument)",
     "world_size": "train_net.py --num-gpus / --num-machines",

@@ -395,7 +395,7 @@ def dataset_root(args) -> Path:
         generate(root, seed=getattr(args, "synthetic_seed", 0))
         logger.info("Synthetic dataset ready in %.1fs", time.time() - start)
     else:
-        logger.info("Using the synthetic dataset in %s", root)
+        logger.info("Using the synthetic dataset in %s", root, extra={"once": True})  # (asked for by every split)
     return root
 
 

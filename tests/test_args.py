@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import run_with_submitit
-from util.args import get_args_parser, parse_args
+from util.args import command_line, get_args_parser, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,8 +94,9 @@ def test_every_flag_has_help_and_belongs_to_a_topic(parser):
     main_flags = {a.dest for a in _flags(get_args_parser())}
     in_topics = {a.dest for title in GROUPS for a in groups[title]._group_actions}
     assert main_flags <= in_topics  # no main.py flag left in the catch-all "options" group
-    # the 66 of the grouping, --train_json --train_images --val_json --val_images, --accum_steps
-    assert len(main_flags) == 71
+    # the 66 of the grouping, --train_json --train_images --val_json --val_images, --accum_steps, --tensorboard,
+    # --eval_every
+    assert len(main_flags) == 73
 
 
 @pytest.mark.parametrize("command", [["main.py"], ["run_with_submitit.py"]])
@@ -117,3 +118,11 @@ def test_help_groups_the_flags_by_topic_with_their_defaults(command):
 def test_an_unknown_dataset_is_refused_with_the_choices():
     with pytest.raises(SystemExit):
         parse_args(["--dataset_file", "voc"])
+
+
+def test_the_console_summary_of_the_flags_given_reads_as_a_command_line():
+    args = parse_args(["--dataset_file", "synthetic", "--no_aux_loss", "--no-two_stage", "--scales", "128",
+                                 "160", "--masks", "--lr", "2e-4", "--eval_every", "5", "--tensorboard", "off"])
+    assert command_line(args, args.explicit_flags) == (
+        "--no_aux_loss --dataset_file synthetic --eval_every 5 --lr 0.0002 --masks --scales 128 160 "
+        "--tensorboard off --no-two_stage")

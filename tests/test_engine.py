@@ -6,6 +6,7 @@ Module-scoped fixtures are read-only: a test that continues a run copies its che
 import json
 import logging
 import math
+import re
 import shutil
 
 import pytest
@@ -443,6 +444,120 @@ def test_warmup_without_a_scheduler():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)  # no "initial_lr": no scheduler ever touched it
     train_one_epoch(model, _QuadraticCriterion(), _batches(3), optimizer, torch.device("cpu"), 1, warmup_iters=4)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+class _AuxCriterion(torch.nn.Module):
+    """A loss per DETR term and an auxiliary layer's copy of each, as SetCriterion names them."""
+    weight_dict = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_ce_0": 1.0, "loss_bbox_0": 5.0,
+                   "loss_giou_0": 2.0}
+
+    def forward(self, outputs, targets):
+        w = (outputs["w"] ** 2).sum()
+        return {**{k: w * (i + 1) for i, k in enumerate(self.weight_dict)}, "class_error": torch.tensor(25.0)}
+
+
+class _Recorder:
+    """What a SummaryWriter is given: {tag: [(step, value), ...]}."""
+
+    def __init__(self):
+        self.scalars: dict = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, float(value)))
+
+
+def test_console_lines_show_the_main_losses_and_tensorboard_gets_every_value(caplog):
+    model = _Quadratic()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    writer = _Recorder()
+    with caplog.at_level(logging.INFO):
+        stats = train_one_epoch(model, _AuxCriterion(), _batches(5), optimizer, torch.device("cpu"), 2,
+                                print_freq=2, tensorboard=writer)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch: [2] [")]
+    assert [line.split("]")[1] for line in lines] == [" [0/5", " [2/5", " [4/5"]
+    for line in lines:
+        names = [part.split(":")[0] for part in line.split("  ")[2:]]
+        assert names == ["loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "lr", "time", "data"], line
+    # the epoch's averages: the same fields on the console, every one in the log file only
+    averaged = [r for r in caplog.records if r.getMessage().startswith("Averaged stats")]
+    assert [getattr(r, "file_only", False) for r in averaged] == [False, True]
+    assert "loss_ce_0" not in averaged[0].getMessage() and "loss_ce_0_unscaled: " in averaged[1].getMessage()
+    # TensorBoard: every logged value at each console line, at the global iteration (epoch 2 of 5 iterations)
+    assert set(writer.scalars) == {f"train/{k}" for k in stats if k != "skipped_steps"}
+    assert {"train/loss_giou_0", "train/loss_bbox_unscaled", "train/lr"} <= set(writer.scalars)
+    assert [step for step, _ in writer.scalars["train/loss"]] == [10, 12, 14]
+    assert writer.scalars["train/lr"][0] == (10, pytest.approx(0.01))
+    assert writer.scalars["train/class_error"][0] == (10, 25.0)
+
+
+def test_eval_every_and_the_records_of_a_run(data_dir, tmp_path, capsys):
+    """--eval_every 2 over 3 epochs evaluates after epochs 1 and 2 (the last); the run leaves its full arguments
+    (args.json), its console (console.log, with the full arguments and averages the console leaves out), TensorBoard
+    events, and checkpoints at the original's cadence (checkpoint.pth, checkpoint0001.pth before the lr drop)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from util.plot_utils import plot_logs
+    from util.two_stage import logged_test_stats
+
+    out = tmp_path / "out"
+    argv = (["--dataset_file", "synthetic", "--coco_path", str(data_dir), "--output_dir", str(out)]
+            + with_flag(with_flag(TINY, "--epochs", 3), "--lr_drop", 2) + ["--eval_every", "2"])
+    stats = run(argv)
+    console = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "checkpoint.pth", "checkpoint0001.pth",
+                                                     "console.log", "eval", "log.txt", "tensorboard"]
+    logs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [log["epoch"] for log in logs] == [0, 1, 2]
+    assert [any(k.startswith("test_") for k in log) for log in logs] == [False, True, True]
+    assert logs[2]["test_coco_eval_bbox"] == stats["coco_eval_bbox"] == logged_test_stats(out / "log.txt")[
+        "coco_eval_bbox"]
+    assert console.count("bbox AP") == 2 and console.count("Test: Total time") == 2
+    plot_logs(out, output=tmp_path / "plot.png")  # copes with the epoch without test values
+
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["eval_every"] == 2 and saved["hidden_dim"] == 32 and saved["num_classes"] == 4
+    assert saved["backbone"] == "resnet18"  # a recipe's value: the run's full arguments
+    # the console: a short summary of the flags given; the log file: the full arguments too
+    summary = next(line for line in console.splitlines() if line.startswith("args given: "))
+    assert "--eval_every 2 --hidden_dim 32" in summary and "--backbone " not in summary and "args: {" not in console
+    log_file = (out / "console.log").read_text()
+    assert "args given: " in log_file and '"frozen_weights": null' in log_file
+    assert "Averaged stats (all): " in log_file and "Averaged stats (all)" not in console
+    assert "Epoch: [2] [1/2]" in log_file and "Training time" in log_file
+    metric_lines = [line for line in console.splitlines() if re.match(r"(Epoch: \[\d+\]|Test:) \[", line)]
+    assert len(metric_lines) == 3 * 2 + 2 * 1 and max(map(len, metric_lines)) < 300
+    assert all("loss_giou: " in line and "_unscaled" not in line and "loss_ce_0" not in line
+               for line in metric_lines)
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in tags}
+    # 2 iterations per epoch, both logged (the first and the last of the epoch)
+    for tag in ("train/loss", "train/loss_ce", "train/loss_bbox", "train/loss_giou", "train/loss_ce_0",
+                "train/loss_bbox_unscaled", "train/lr", "train/class_error"):
+        assert steps[tag] == [0, 1, 2, 3, 4, 5], tag
+    assert steps["epoch/train_loss"] == [0, 1, 2]
+    assert steps["epoch/test_coco_eval_bbox/AP"] == steps["epoch/test_loss"] == [1, 2]
+    assert events.Scalars("epoch/test_coco_eval_bbox/AP")[-1].value == pytest.approx(stats["coco_eval_bbox"][0])
+
+
+def test_tensorboard_off_or_not_installed_writes_no_events(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from util.tensorboard import open_writer
+
+    assert open_writer(tmp_path, "off") is None and open_writer(None, "on") is None
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # importing it raises ImportError
+    with caplog.at_level(logging.WARNING):
+        assert open_writer(tmp_path, "on") is None
+    assert len(caplog.records) == 1 and "TensorBoard events not written" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_every_must_be_positive(tmp_path):
+    with pytest.raises(SystemExit, match="--eval_every 0"):
+        run(["--dataset_file", "synthetic", "--eval_every", "0", "--output_dir", str(tmp_path)])
 
 
 class _NanCriterion(torch.nn.Module):

@@ -223,6 +223,37 @@ def test_info_from_rank_0_only_and_warnings_from_every_rank(no_launcher, capsys)
                    "chatter from Slurm task 0"]
 
 
+def test_once_records_and_the_log_file(no_launcher, capsys, tmp_path):
+    """A record marked ``once`` is said the first time only (on the console and in the file); a ``file_only`` one
+    goes to the log file, not the console; the log file is rank 0's and gets each line with its time."""
+    log = logging.getLogger("detr.test_launch")
+    ulogger.setup_logging()
+    try:
+        with ulogger.log_to_file(tmp_path / "console.log"):
+            for _ in range(3):
+                log.info("Using the data in %s", "/data", extra={"once": True})
+            log.info("Using the data in %s", "/other", extra={"once": True})
+            log.info("every argument", extra={"file_only": True})
+            log.info("a metric line")
+        log.info("after the run")  # the file is no longer written
+        no_launcher.setenv("WORLD_SIZE", "2")
+        no_launcher.setenv("RANK", "1")
+        with ulogger.log_to_file(tmp_path / "rank1.log"):
+            log.warning("trouble on rank 1")
+        out = capsys.readouterr().out.splitlines()
+    finally:
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if getattr(h, "_detr", False)]:
+            root.removeHandler(h)
+    assert out == ["Using the data in /data", "Using the data in /other", "a metric line", "after the run",
+                   "[rank 1] trouble on rank 1"]
+    lines = (tmp_path / "console.log").read_text().splitlines()
+    assert [line[20:] for line in lines] == ["Using the data in /data", "Using the data in /other", "every argument",
+                                             "a metric line"]
+    assert all(line[4] == "-" and line[13] == ":" for line in lines)  # 2026-01-31 12:00:00 message
+    assert not (tmp_path / "rank1.log").exists()
+
+
 def test_messages_before_the_process_group_come_once_per_job(data_dir, tmp_path):
     """2 processes (torchrun) of a --two_stage run: its stage messages, logged before each stage's process group
     exists, and the distributed init message appear once in the job's output, not once per process (the stages'
@@ -274,7 +305,9 @@ def test_torchrun_two_processes_train_then_eval_equals_one_process(data_dir, tmp
     common = ["main.py"] + TINY + ["--coco_path", str(data_dir), "--batch_size", "1"]
     proc = run(torchrun(2) + common + ["--epochs", "1", "--output_dir", str(train_dir)])
     assert "effective batch size: 2 (1 per process x 2 processes)" in proc.stdout
-    assert sorted(p.name for p in train_dir.iterdir()) == ["checkpoint.pth", "eval", "log.txt"]
+    assert sorted(p.name for p in train_dir.iterdir()) == ["args.json", "checkpoint.pth", "console.log", "eval",
+                                                           "log.txt", "tensorboard"]  # rank 0's only
+    assert len(list((train_dir / "tensorboard").iterdir())) == 1
     lines = (train_dir / "log.txt").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 0
     assert torch.load(train_dir / "checkpoint.pth", weights_only=True)["epoch"] == 0

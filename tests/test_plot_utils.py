@@ -46,6 +46,28 @@ def test_plot_logs_writes_png(tmp_path):
     assert np.allclose(lines[3].get_data()[1], [40.0 - e for e in range(6)])
 
 
+def test_plot_logs_skips_epochs_without_evaluation(tmp_path):
+    """--eval_every 2: the lines of epochs 0 and 2 have no test_* keys; the test curves join the evaluated epochs."""
+    from main import write_epoch_outputs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for epoch in range(4):
+        row = {"train_class_error": 50.0 - epoch, "train_loss": 5.0 - epoch, "epoch": epoch}
+        if epoch % 2:
+            row.update(test_class_error=40.0 - epoch, test_loss=4.0 - epoch,
+                       test_coco_eval_bbox=[0.1 * epoch] + [0.0] * 11)
+        write_epoch_outputs(run, row, None, epoch)
+    _, axs, png = plot_logs(run, fields=("class_error", "loss", "mAP"), ewm_col=1)
+    assert png.is_file()
+    for ax, train, test in ((axs[0], 50.0, 40.0), (axs[1], 5.0, 4.0)):
+        (x_train, y_train), (x_test, y_test) = (line.get_data() for line in ax.get_lines())
+        assert list(x_train) == [0, 1, 2, 3] and np.allclose(y_train, ewm_mean(train - np.arange(4.0), 1))
+        assert list(x_test) == [1, 3] and np.allclose(y_test, ewm_mean(np.array([test - 1, test - 3]), 1))
+    x, y = axs[2].get_lines()[0].get_data()
+    assert list(x) == [1, 3] and np.allclose(y, ewm_mean(np.array([0.1, 0.3]), 1))
+
+
 def test_plot_logs_single_folder_default_output_and_fields(tmp_path):
     run = _write_log(tmp_path / "run")
     fig, axs, png = plot_logs(run, fields=("loss", "AP50"), ewm_col=1)

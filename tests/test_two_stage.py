@@ -8,7 +8,7 @@ from pathlib import Path
 import main as detr_main
 from datasets import recipes
 from util.checkpoint import save_checkpoint
-from util.two_stage import stage_args, two_stages_apply
+from util.two_stage import logged_test_stats, stage_args, two_stages_apply
 
 
 def run(argv):
@@ -41,7 +41,8 @@ def test_stage_arguments_take_each_stage_recipe():
     assert not two_stages_apply(one)
 
 
-def test_two_stages_run_main_twice(monkeypatch, caplog):
+def test_two_stages_run_main_twice(monkeypatch, caplog, tmp_path):
+    monkeypatch.chdir(tmp_path)  # each stage's console.log goes into its own (relative) folder
     calls = []
     monkeypatch.setattr(detr_main, "run", lambda args: calls.append(args) or {"stage": len(calls)})
     with caplog.at_level(logging.INFO):
@@ -53,6 +54,18 @@ def test_two_stages_run_main_twice(monkeypatch, caplog):
     assert (masks.output_dir, masks.masks, masks.frozen_weights) == ("out", True, "out/box/checkpoint.pth")
     assert box.epochs == recipes.SYNTHETIC_PANOPTIC_RECIPE["epochs"]
     assert masks.epochs == recipes.SYNTHETIC_PANOPTIC_MASK_RECIPE["epochs"]
+    # each stage's run logs into its own folder (console.log; args.json and tensorboard/ come from run() likewise)
+    for folder in (tmp_path / "out" / "box", tmp_path / "out"):
+        assert "Not using distributed mode" in (folder / "console.log").read_text()
+
+
+def test_logged_test_stats_are_the_last_evaluated_epochs(tmp_path):
+    """--eval_every: the last lines of a log.txt may have no test_* keys; the stats are the last evaluation's."""
+    lines = [{"epoch": 0, "test_PQ_all": {"pq": 0.25}}, {"epoch": 1, "test_PQ_all": {"pq": 0.5}, "train_loss": 1.0},
+             {"epoch": 2, "train_loss": 0.5}]
+    (tmp_path / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in lines) + "\n")
+    assert logged_test_stats(tmp_path / "log.txt") == {"PQ_all": {"pq": 0.5}}
+    assert logged_test_stats(tmp_path / "nope.txt") == {}
 
 
 def test_two_stages_resume_the_stage_they_were_in_and_skip_a_finished_one(monkeypatch, tmp_path):

@@ -137,7 +137,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                                "--frozen_weights OUTPUT_DIR/box/checkpoint.pth), into OUTPUT_DIR: the original's two "
                                "commands in one, each stage with the dataset's recipe for it (on by default for "
                                "synthetic_panoptic; --no-two_stage trains the box model only)")
-    training.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
+    training.add_argument("--output_dir", default="",
+                          help="path where to save, empty for no saving: checkpoints, log.txt (one JSON line per "
+                               "epoch), args.json (the full arguments), console.log and TensorBoard events "
+                               "(tensorboard/)")
+    training.add_argument("--tensorboard", default="on", choices=("on", "off"),
+                          help="write TensorBoard events into OUTPUT_DIR/tensorboard (needs --output_dir): every "
+                               "logged loss and the lr at each console line, the epoch's averages and AP / PQ at "
+                               "each evaluation")
     training.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                           help="device to use for training / testing")
     training.add_argument("--seed", default=42, type=int,
@@ -164,6 +171,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval", action="store_true", help="only evaluate")
+    evaluation.add_argument("--eval_every", default=1, type=int, metavar="N",
+                            help="while training, evaluate every N epochs (and always after the last one)")
     evaluation.add_argument("--coco_eval_backend", default="auto", choices=("auto", "pycocotools", "hotcoco"),
                             help="COCO evaluator: hotcoco (fast, the same numbers as pycocotools), pycocotools (the "
                                  "reference) or auto (hotcoco when installed, else pycocotools)")
@@ -240,6 +249,27 @@ def parse_args(argv: list[str], parser: Optional[argparse.ArgumentParser] = None
     return args
 
 
+def command_line(args: argparse.Namespace, names: list[str]) -> str:
+    """The flags ``names`` (destinations) of ``args`` as a command line would give them, e.g.
+    ``--dataset_file synthetic --no_aux_loss --scales 128 160``; a switch at its default is left out."""
+    actions = {a.dest: a for a in get_args_parser()._actions}
+    words = []
+    for name in names:
+        value, action = getattr(args, name, None), actions.get(name)
+        if action is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            words.append(action.option_strings[0 if value else 1])
+        elif action.nargs == 0:  # store_true / store_false: the flag gives its const
+            if value == action.const:
+                words.append(action.option_strings[0])
+        elif isinstance(value, list):
+            words.append(" ".join([action.option_strings[0]] + [str(v) for v in value]))
+        elif value is not None:
+            words.append(f"{action.option_strings[0]} {value}")
+    return " ".join(words)
+
+
 def given_flags(args: argparse.Namespace) -> set[str]:
     """The flags the caller set, one rule for the command line and for scripts calling ``main.main(args)``:
     ``args.explicit_flags`` when there is one (``parse_args`` records it), else every flag whose value differs
@@ -266,6 +296,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.masks and (args.hidden_dim % 128 or args.nheads % 8):
         raise SystemExit(f"--masks: the mask head's GroupNorm(8) layers need --hidden_dim a multiple of 128 and "
                          f"--nheads a multiple of 8 (got --hidden_dim {args.hidden_dim} --nheads {args.nheads})")
+    if getattr(args, "eval_every", 1) < 1:
+        raise SystemExit(f"--eval_every {args.eval_every}: give a number of epochs, 1 or more")
     if args.two_stage:
         one_stage = [f"--{name}" for name in ONE_STAGE_FLAGS if getattr(args, name)]
         if one_stage and "two_stage" in given_flags(args):

@@ -1,11 +1,18 @@
-"""Console logging (info from rank 0, warnings and errors from every rank), what a run logs at start, and the
-smoothed training meters behind the console metric lines."""
+"""Console logging (info from rank 0, warnings and errors from every rank), the run's log file, what a run logs at
+start, and the smoothed training meters behind the console metric lines.
+
+Two ``extra`` keys of a log record steer where it goes: ``file_only`` (the log file, not the console: e.g. the full
+arguments and every averaged loss) and ``once`` (said once per process, however often it is logged: e.g. the
+dataset folder, which every split's build reports).
+"""
+import contextlib
 import datetime
 import logging
 import sys
 import time
 from collections import defaultdict, deque
-from typing import Iterable, Optional
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -27,18 +34,79 @@ class _RankFilter(logging.Filter):
         return rank == 0 or loud
 
 
+class _ConsoleFilter(logging.Filter):
+    """Leaves out the records meant for the log file only (``extra={"file_only": True}``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
+class _OnceFilter(logging.Filter):
+    """A record logged with ``extra={"once": True}`` passes the first time its message is seen in this process."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "once", False) or getattr(record, "_first_time", False):
+            return True  # (the same record reaching a second handler, e.g. the log file)
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        record._first_time = True
+        return True
+
+
+_ONCE = _OnceFilter()  # one memory for every handler and every setup_logging() of the process
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """Plain messages on stdout: everything from rank 0, warnings and errors from every rank."""
+    """Plain messages on stdout: everything from rank 0, warnings and errors from every rank (not the records
+    meant for the log file only; see ``log_to_file``)."""
     root = logging.getLogger()
     for h in list(root.handlers):
-        if getattr(h, "_detr", False):
+        if getattr(h, "_detr", False) == "console":
             root.removeHandler(h)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(rank_prefix)s%(message)s"))
     handler.addFilter(_RankFilter())
-    handler._detr = True
+    handler.addFilter(_ConsoleFilter())
+    handler.addFilter(_ONCE)
+    handler._detr = "console"
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class _MainRankFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank_prefix = ""
+        return launch_rank_and_world_size()[0] == 0
+
+
+@contextlib.contextmanager
+def log_to_file(path: Optional[Path]) -> Iterator[None]:
+    """While in the block, rank 0 also appends what it logs to ``path`` (e.g. OUTPUT_DIR/console.log), each line
+    with its time, including the records meant for the log file only (the full arguments, every averaged loss).
+    Nothing when ``path`` is None or on the other ranks. A resumed run appends to the same file."""
+    if path is None or launch_rank_and_world_size()[0] != 0:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.addFilter(_MainRankFilter())
+    handler.addFilter(_ONCE)
+    handler._detr = "file"
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def setup_for_distributed(is_master: bool) -> None:
@@ -139,11 +207,15 @@ class SmoothedValue:
 
 
 class MetricLogger:
-    """Named SmoothedValues plus ``log_every``, which yields from an iterable and prints progress lines."""
+    """Named SmoothedValues plus ``log_every``, which yields from an iterable and prints progress lines.
 
-    def __init__(self, delimiter: str = "  "):
+    ``console``: the meters the console lines show, in this order, when present (None: every meter, as the
+    original). ``str(metric_logger)`` stays the line of every meter."""
+
+    def __init__(self, delimiter: str = "  ", console: Optional[Sequence[str]] = None):
         self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
         self.delimiter = delimiter
+        self.console = console
 
     def update(self, **kwargs) -> None:
         for k, v in kwargs.items():
@@ -164,11 +236,21 @@ class MetricLogger:
     def __str__(self) -> str:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
+    def console_str(self) -> str:
+        """The meters of ``console`` (all without it): what a console line shows."""
+        names = list(self.meters) if self.console is None else [n for n in self.console if n in self.meters]
+        return self.delimiter.join(f"{name}: {self.meters[name]}" for name in names)
+
     def synchronize_between_processes(self) -> None:
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
-    def log_every(self, iterable: Iterable, print_freq: int, header: str = ""):
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "",
+                  on_log: Optional[Callable[[int, "MetricLogger"], None]] = None):
+        """Yield from ``iterable``; every ``print_freq`` items and at the last one, log a line: progress, eta,
+        the ``console`` meters (latest window's median, and the global average in brackets), seconds per iteration
+        and of it waiting for data; ``on_log(i, self)`` is called at the same points (e.g. to write TensorBoard
+        scalars)."""
         total = len(iterable)
         width = len(str(total))
         iter_time = SmoothedValue(fmt="{avg:.4f}")
@@ -180,11 +262,13 @@ class MetricLogger:
             iter_time.update(time.time() - end)
             if i % print_freq == 0 or i == total - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
-                parts = [f"{header} [{i:{width}d}/{total}]", f"eta: {eta}", str(self),
-                         f"time: {iter_time}", f"data: {data_time}"]
+                parts = [f"{header} [{i:{width}d}/{total}]", f"eta: {eta}", self.console_str(),
+                         f"time: {iter_time} s/it", f"data: {data_time} s"]
                 if torch.cuda.is_available():
-                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
-                logger.info(self.delimiter.join(parts))
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MiB")
+                logger.info(self.delimiter.join(p for p in parts if p))
+                if on_log is not None:
+                    on_log(i, self)
             end = time.time()
         total_time = datetime.timedelta(seconds=int(time.time() - start))
         logger.info(f"{header} Total time: {total_time} ({(time.time() - start) / max(total, 1):.4f} s / it)")

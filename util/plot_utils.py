@@ -61,17 +61,6 @@ def _column(rows: list[dict], key: str, index: Optional[int] = None) -> np.ndarr
     return np.array(values, dtype=np.float64)
 
 
-def _interpolate(values: np.ndarray) -> np.ndarray:
-    """Fill interior NaNs linearly (leading/trailing NaNs stay), like the original's pandas interpolate()."""
-    valid = np.flatnonzero(~np.isnan(values))
-    if len(valid) < 2:
-        return values
-    out = values.copy()
-    inner = np.arange(valid[0], valid[-1] + 1)
-    out[inner] = np.interp(inner, valid, values[valid])
-    return out
-
-
 def ewm_mean(values: np.ndarray, com: float) -> np.ndarray:
     """Exponentially weighted mean with centre of mass `com` (pandas' ewm(com).mean(), adjust=True);
     NaNs are skipped. com=0 returns the values."""
@@ -136,8 +125,10 @@ def plot_logs(logs: Union[PathLike, Sequence[PathLike]],
                 ax.plot(x[keep], ewm_mean(y[keep], ewm_col), color=colour)
             else:
                 for prefix, style in (("train", "-"), ("test", "--")):
-                    y = ewm_mean(_interpolate(_column(rows, f"{prefix}_{field}")), ewm_col)
-                    ax.plot(x, y, style, color=colour)
+                    # epochs without the value (e.g. not evaluated: --eval_every) are skipped, the line joins the others
+                    y = _column(rows, f"{prefix}_{field}")
+                    keep = ~np.isnan(y)
+                    ax.plot(x[keep], ewm_mean(y[keep], ewm_col), style, color=colour)
     names = [folder.name or str(folder) for folder in logs]
     for ax, field in zip(axs, fields):
         handles = ax.get_lines()

@@ -85,7 +85,11 @@ def resume_stage(stage: argparse.Namespace, name: str, apply_recipe: ApplyRecipe
 
 
 def logged_test_stats(log_path: Path) -> dict:
-    """The evaluation stats of the last line of a run's log.txt (what ``main`` returned when it trained)."""
+    """The evaluation stats of the last line of a run's log.txt that has them (what ``main`` returned when it
+    trained: with --eval_every, epochs without evaluation log no test_* keys)."""
     lines = log_path.read_text().splitlines() if log_path.is_file() else []
-    last = json.loads(lines[-1]) if lines else {}
-    return {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
+    for line in reversed([line for line in lines if line.strip()]):
+        stats = {k[len("test_"):]: v for k, v in json.loads(line).items() if k.startswith("test_")}
+        if stats:
+            return stats
+    return {}

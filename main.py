@@ -56,8 +56,7 @@ from util.args import check_args, get_args_parser, parse_args  # noqa: F401  (ma
 from util.checkpoint import (atomic_write, checkpoint_dict, checkpoint_paths, load_checkpoint, resume_training_state,
                              save_checkpoint)
 from util.compile import CompiledOrEager
-from util.dist import (barrier, destroy_distributed, get_rank, get_world_size, init_distributed_mode, is_main_process,
-                       local_main_first, wait_at_test_gate)
+from util.dist import get_rank, get_world_size, is_main_process, local_main_first, process_group, wait_at_test_gate
 from util.errors import user_errors_as_messages
 from util.git import get_sha
 from util.logger import log_start, log_to_file, setup_logging
@@ -132,21 +131,14 @@ def main(args: argparse.Namespace) -> dict:
     args.explicit_flags = sorted(arguments.given_flags(args))
     apply_dataset_recipe(args)
     check_args(args)
-    if two_stages_apply(args):  # each stage is a run of main() (util/two_stage.py)
-        return train_two_stages(args, main, apply_dataset_recipe)
+    if two_stages_apply(args):  # each stage is a run of main() (util/two_stage.py), in one process group
+        with process_group(args):
+            return train_two_stages(args, main, apply_dataset_recipe)
     if args.two_stage:  # the dataset's default does not apply to one stage's run (--masks, --eval, ...)
         args.two_stage = False
         args.defaults_applied.pop("two_stage", None)
-    with log_to_file(Path(args.output_dir) / "console.log" if args.output_dir else None):
-        init_distributed_mode(args)
-        try:
-            stats = run(args)
-            # every process done before any tears down its group: a 2-process gloo test once aborted (SIGABRT) in the
-            # rank that left the last collective first; not on errors (a barrier would then wait for the failed rank)
-            barrier()
-            return stats
-        finally:
-            destroy_distributed()
+    with log_to_file(Path(args.output_dir) / "console.log" if args.output_dir else None), process_group(args):
+        return run(args)
 
 
 def run(args: argparse.Namespace) -> dict:

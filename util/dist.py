@@ -265,6 +265,9 @@ def init_distributed_mode(args) -> None:
         # on every backend (gloo too): the model goes to the current device and DDP to device_ids=[args.gpu]
         args.gpu = cuda_device_for(launch.local_rank)
         torch.cuda.set_device(args.gpu)
+    if is_dist_avail_and_initialized():  # the group of an enclosing run (both stages of --two_stage): joined
+        args.dist_backend = dist.get_backend()
+        return
     if backend == "nccl":
         # a failed or stuck rank aborts the others' collectives (after the timeout) instead of hanging them
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
@@ -275,6 +278,27 @@ def init_distributed_mode(args) -> None:
     dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=launch.world_size,
                             rank=launch.rank, timeout=datetime.timedelta(minutes=timeout_min), **kwargs)
     barrier()
+
+
+@contextlib.contextmanager
+def process_group(args) -> Iterator[None]:
+    """The default process group for the block (``init_distributed_mode``), torn down at its end by the run that
+    created it, after every process has finished it (not on errors: a barrier would wait for the failed rank). A
+    run inside another's block joins the existing group: both stages of --two_stage share one, since a second group
+    in the same processes would find the first one's addresses in torchrun's store, which outlives it, and its
+    ranks could connect to ports already closed."""
+    owner = not is_dist_avail_and_initialized()
+    init_distributed_mode(args)
+    if not owner:
+        yield
+        return
+    try:
+        yield
+        # every process done before any tears down its group: a 2-process gloo test once aborted (SIGABRT) in the
+        # rank that left the last collective first
+        barrier()
+    finally:
+        destroy_distributed()
 
 
 def destroy_distributed() -> None:

@@ -1,30 +1,12 @@
-"""Train and evaluate DETR.
+"""Train and evaluate DETR: ``python main.py --help`` lists the flags by topic; README.md has the commands.
 
-Copy-pasteable commands (run from the repository root):
-
-    # the main job on the embedded synthetic data, CPU-sized (generates the data once)
-    python main.py --dataset_file synthetic --output_dir runs/synthetic
-
-    # the second main job: panoptic segmentation on the same data, both stages (box model into runs/panoptic/box,
-    # then the mask head on it, frozen, into runs/panoptic); run again (or requeued), it continues where it stopped:
-    # each stage resumes from its folder's checkpoint.pth and a finished stage is not rerun (new --output_dir: anew)
-    python main.py --dataset_file synthetic_panoptic --output_dir runs/panoptic
-
-    # COCO, 8 GPUs, as the original
+    python main.py --dataset_file synthetic --output_dir runs/synthetic      # the main job, on CPU
     torchrun --nproc_per_node=8 main.py --coco_path /path/to/coco --output_dir runs/detr_r50
-
-    # evaluate a published checkpoint on COCO val
     python main.py --batch_size 2 --no_aux_loss --eval --coco_path /path/to/coco \
         --resume https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth
 
-    # continue a run where it stopped (its schedule is the checkpoint's unless a flag here overrides it)
-    python main.py --coco_path /path/to/coco --output_dir runs/detr_r50 --resume runs/detr_r50/checkpoint.pth
-
-    # COCO panoptic, as the original: the box model, then the mask head on it, frozen
-    python main.py --dataset_file coco_panoptic --coco_path /path/to/coco --coco_panoptic_path /path/to/panoptic \
-        --output_dir runs/panoptic_box
-    python main.py --dataset_file coco_panoptic --coco_path /path/to/coco --coco_panoptic_path /path/to/panoptic \
-        --masks --frozen_weights runs/panoptic_box/checkpoint.pth --epochs 25 --lr_drop 15 --output_dir runs/panoptic
+--resume continues a run where it stopped (its schedule is the checkpoint's unless a flag overrides it); a
+two-stage panoptic job (util/two_stage.py) run again continues the stage it was in.
 """
 import argparse
 import datetime
@@ -53,13 +35,13 @@ from models.loader import (load_initial_weights, load_weights, read_finetune_che
 from util import args as arguments
 from util.amp import grad_scaler, warn_if_emulated
 from util.args import check_args, get_args_parser, parse_args  # noqa: F401  (main.get_args_parser, as the original)
-from util.checkpoint import (atomic_write, checkpoint_dict, checkpoint_paths, load_checkpoint, resume_training_state,
+from util.checkpoint import (checkpoint_dict, checkpoint_paths, load_checkpoint, resume_training_state, save_args_json,
                              save_checkpoint)
 from util.compile import CompiledOrEager
 from util.dist import get_rank, get_world_size, is_main_process, local_main_first, process_group, wait_at_test_gate
 from util.errors import user_errors_as_messages
 from util.git import get_sha
-from util.logger import log_start, log_to_file, setup_logging
+from util.logger import log_epoch_metrics, log_start, log_to_file, setup_logging
 from util.tensorboard import open_writer, write_epoch
 from util.nested_tensor import collate_fn
 from util.two_stage import train_two_stages, two_stages_apply
@@ -191,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
         model = CompiledOrEager(model)
     log_start(args, model_without_ddp)
     if args.output_dir and is_main_process():
-        write_args(Path(args.output_dir), args)
+        save_args_json(Path(args.output_dir) / "args.json", args)
 
     # for a panoptic dataset: the detection annotations of the same images, for box (and mask) AP, as the original
     base_ds = get_coco_api_from_dataset(dataset_val)
@@ -209,14 +191,6 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if tensorboard is not None:
             tensorboard.close()
-
-
-def write_args(output_dir: Path, args: argparse.Namespace) -> None:
-    """OUTPUT_DIR/args.json: every argument of the run, as it starts (after the recipe, the checkpoint's flags and
-    the derived values such as num_classes)."""
-    with atomic_write(str(output_dir / "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2, default=str)
-        f.write("\n")
 
 
 def evaluates_at(epoch: int, args) -> bool:
@@ -259,13 +233,7 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
             write_epoch_outputs(output_dir, log_stats, coco_evaluator, epoch)
         if tensorboard is not None:
             write_epoch(tensorboard, log_stats, epoch)
-        if "coco_eval_bbox" in epoch_test_stats:
-            ap, ap50 = epoch_test_stats["coco_eval_bbox"][:2]
-            logger.info("epoch %d: bbox AP %.3f AP50 %.3f (%.1f min)", epoch, ap, ap50,
-                        (time.time() - start_time) / 60)
-        if "PQ_all" in epoch_test_stats:
-            logger.info("epoch %d: PQ %.1f (things %.1f, stuff %.1f)", epoch,
-                        *(100 * epoch_test_stats[k]["pq"] for k in ("PQ_all", "PQ_th", "PQ_st")))
+        log_epoch_metrics(epoch, epoch_test_stats, time.time() - start_time)
         if output_dir:
             wait_at_test_gate(output_dir)
 

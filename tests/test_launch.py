@@ -44,6 +44,15 @@ def no_launcher(monkeypatch):
     return monkeypatch
 
 
+@pytest.fixture
+def detr_logging():
+    """Removes the handlers of the project's logging (``util.logger.setup_logging``) that a test set up."""
+    yield
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_detr", False)]:
+        root.removeHandler(h)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,57 +203,47 @@ def test_init_and_destroy_a_one_process_gloo_group(no_launcher):
     udist.destroy_distributed()  # a no-op when nothing is initialised
 
 
-def test_info_from_rank_0_only_and_warnings_from_every_rank(no_launcher, capsys):
+def test_info_from_rank_0_only_and_warnings_from_every_rank(no_launcher, detr_logging, capsys):
     """Before the process group exists (no group in this test process) the rank is the launcher's."""
     log = logging.getLogger("detr.test_launch")
-    ulogger.setup_logging()
-    try:
-        no_launcher.setenv("WORLD_SIZE", "2")
-        no_launcher.setenv("RANK", "1")
-        log.info("chatter from rank 1")
-        log.warning("trouble on rank 1")
-        no_launcher.setenv("RANK", "0")
-        log.info("chatter from rank 0")
-        log.error("trouble on rank 0")
-        no_launcher.delenv("RANK")
-        no_launcher.delenv("WORLD_SIZE")
-        log.warning("alone")
-        for k, v in dict(SLURM_PROCID="1", SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2").items():  # srun, submitit
-            no_launcher.setenv(k, v)
-        log.info("chatter from Slurm task 1")
-        no_launcher.setenv("SLURM_PROCID", "0")
-        log.info("chatter from Slurm task 0")
-        out = capsys.readouterr().out.splitlines()
-    finally:
-        root = logging.getLogger()
-        for h in [h for h in root.handlers if getattr(h, "_detr", False)]:
-            root.removeHandler(h)
+    ulogger.setup_logging()  # onto pytest's captured stdout
+    no_launcher.setenv("WORLD_SIZE", "2")
+    no_launcher.setenv("RANK", "1")
+    log.info("chatter from rank 1")
+    log.warning("trouble on rank 1")
+    no_launcher.setenv("RANK", "0")
+    log.info("chatter from rank 0")
+    log.error("trouble on rank 0")
+    no_launcher.delenv("RANK")
+    no_launcher.delenv("WORLD_SIZE")
+    log.warning("alone")
+    for k, v in dict(SLURM_PROCID="1", SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2").items():  # srun, submitit
+        no_launcher.setenv(k, v)
+    log.info("chatter from Slurm task 1")
+    no_launcher.setenv("SLURM_PROCID", "0")
+    log.info("chatter from Slurm task 0")
+    out = capsys.readouterr().out.splitlines()
     assert out == ["[rank 1] trouble on rank 1", "chatter from rank 0", "[rank 0] trouble on rank 0", "alone",
                    "chatter from Slurm task 0"]
 
 
-def test_once_records_and_the_log_file(no_launcher, capsys, tmp_path):
+def test_once_records_and_the_log_file(no_launcher, detr_logging, capsys, tmp_path):
     """A record marked ``once`` is said the first time only (on the console and in the file); a ``file_only`` one
     goes to the log file, not the console; the log file is rank 0's and gets each line with its time."""
     log = logging.getLogger("detr.test_launch")
     ulogger.setup_logging()
-    try:
-        with ulogger.log_to_file(tmp_path / "console.log"):
-            for _ in range(3):
-                log.info("Using the data in %s", "/data", extra={"once": True})
-            log.info("Using the data in %s", "/other", extra={"once": True})
-            log.info("every argument", extra={"file_only": True})
-            log.info("a metric line")
-        log.info("after the run")  # the file is no longer written
-        no_launcher.setenv("WORLD_SIZE", "2")
-        no_launcher.setenv("RANK", "1")
-        with ulogger.log_to_file(tmp_path / "rank1.log"):
-            log.warning("trouble on rank 1")
-        out = capsys.readouterr().out.splitlines()
-    finally:
-        root = logging.getLogger()
-        for h in [h for h in root.handlers if getattr(h, "_detr", False)]:
-            root.removeHandler(h)
+    with ulogger.log_to_file(tmp_path / "console.log"):
+        for _ in range(3):
+            log.info("Using the data in %s", "/data", extra={"once": True})
+        log.info("Using the data in %s", "/other", extra={"once": True})
+        log.info("every argument", extra={"file_only": True})
+        log.info("a metric line")
+    log.info("after the run")  # the file is no longer written
+    no_launcher.setenv("WORLD_SIZE", "2")
+    no_launcher.setenv("RANK", "1")
+    with ulogger.log_to_file(tmp_path / "rank1.log"):
+        log.warning("trouble on rank 1")
+    out = capsys.readouterr().out.splitlines()
     assert out == ["Using the data in /data", "Using the data in /other", "a metric line", "after the run",
                    "[rank 1] trouble on rank 1"]
     lines = (tmp_path / "console.log").read_text().splitlines()

@@ -2,6 +2,7 @@
 Slurm (a cluster such as the one .ci/slurm-up starts; skipped where `sbatch` is absent) and through submitit's
 local executor (no Slurm)."""
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -222,6 +223,21 @@ def _wait_for_state(job_id: str, folder: Path) -> str:
                  and m.group(1) in FINAL_STATES and m.group(1), folder, timeout=600)
 
 
+@contextlib.contextmanager
+def _cancelled_at_exit(job_id: str):
+    """``scancel`` the job when the block ends, however it ends (a no-op for a finished job)."""
+    try:
+        yield
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+
+
+def _wait_completed(job_id: str, folder: Path, restarts: int) -> None:
+    """Wait for the job to end; it must be COMPLETED after ``restarts`` requeues."""
+    assert _wait_for_state(job_id, folder) == "COMPLETED", job_logs(folder)
+    assert f"Restarts={restarts}" in _scontrol_job(job_id)
+
+
 def _logged_epochs(out: Path) -> list:
     return log_epochs(out) if (out / "log.txt").exists() else []
 
@@ -247,7 +263,7 @@ def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, data_dir, tmp_path
     job_id, folder, log_text = _submit_gated(out, tmp_path, ["--coco_path", str(data_dir), "--epochs",
                                                             str(REQUEUE_EPOCHS)] + JOB + TINY)
 
-    try:
+    with _cancelled_at_exit(job_id):
         _wait("the end of epoch 0", lambda: _logged_epochs(out) == [0], folder)
         subprocess.run(["scontrol", "requeue", job_id], check=True)
         _wait("the requeued run to resume", lambda: re.search(r"\(restart 1\).*?continuing at epoch 1", log_text(),
@@ -257,11 +273,7 @@ def test_slurm_job_requeued_twice_resumes_and_finishes(slurm, data_dir, tmp_path
         _wait("the run requeued by the signal to resume", lambda: re.search(
             r"\(restart 2\).*?continuing at epoch 2", log_text(), re.S), folder)
         (out / GATE).unlink()
-        state = _wait_for_state(job_id, folder)
-    finally:
-        subprocess.run(["scancel", job_id], capture_output=True)
-    assert state == "COMPLETED", job_logs(folder)
-    assert "Restarts=2" in _scontrol_job(job_id)
+        _wait_completed(job_id, folder, restarts=2)
     text = log_text()
     assert "Time limit or preemption: requeuing" in text
     assert [int(e) for e in re.findall(r"continuing at epoch (\d+)", text)] == [1, 2], text
@@ -291,7 +303,7 @@ def test_slurm_two_stage_job_requeued_in_each_stage_resumes_that_stage(slurm, da
     (out / GATE).touch()
     job_id, folder, log_text = _submit_gated(out, tmp_path, ["--coco_path", str(data_dir)] + JOB + PANOPTIC_TINY)
 
-    try:
+    with _cancelled_at_exit(job_id):
         _wait("the end of stage 1's epoch 0", lambda: _logged_epochs(box) == [0], folder)
         subprocess.run(["scontrol", "requeue", job_id], check=True)
         _wait("stage 1 to resume", lambda: re.search(r"\(restart 1\).*?Stage 1: resuming from .*box/checkpoint.pth "
@@ -304,11 +316,7 @@ def test_slurm_two_stage_job_requeued_in_each_stage_resumes_that_stage(slurm, da
         _wait("stage 2 to resume", lambda: re.search(r"\(restart 2\).*?Stage 2: resuming from .*out/checkpoint.pth "
                                                       r"\(epoch 1 of 2 done\)", log_text(), re.S), folder)
         (out / GATE).unlink()
-        state = _wait_for_state(job_id, folder)
-    finally:
-        subprocess.run(["scancel", job_id], capture_output=True)
-    assert state == "COMPLETED", job_logs(folder)
-    assert "Restarts=2" in _scontrol_job(job_id)
+        _wait_completed(job_id, folder, restarts=2)
     text = log_text()
     assert re.search(r"\(restart 2\).*?Stage 1: .*box/checkpoint.pth already reached its last epoch \(1\): not run "
                      r"again", text, re.S), text

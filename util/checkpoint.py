@@ -7,6 +7,7 @@ From a checkpoint to a model (its architecture, its weights): ``models.loader``.
 """
 import argparse
 import contextlib
+import json
 import logging
 import os
 import uuid
@@ -157,6 +158,14 @@ def save_checkpoint(obj: dict[str, Any], path: str) -> None:
     """``torch.save`` through ``atomic_write``: no partial checkpoint is ever left under ``path``."""
     with atomic_write(path) as f:
         torch.save(obj, f)
+
+
+def save_args_json(path: Path, args: argparse.Namespace) -> None:
+    """OUTPUT_DIR/args.json: every argument of a run as it starts (after the recipe, the checkpoint's flags and the
+    derived values such as num_classes), written atomically."""
+    with atomic_write(str(path), "w") as f:
+        json.dump(vars(args), f, indent=2, default=str)
+        f.write("\n")
 
 
 def _describe(keys: list[str], limit: int = 5) -> str:

@@ -161,6 +161,16 @@ def log_start(args, model: torch.nn.Module) -> None:
                 f" x {accum} accumulation steps" if accum > 1 else "")
 
 
+def log_epoch_metrics(epoch: int, test_stats: dict, elapsed_s: float) -> None:
+    """The console line of an evaluated epoch: box AP and AP50 (and PQ on panoptic data)."""
+    if "coco_eval_bbox" in test_stats:
+        ap, ap50 = test_stats["coco_eval_bbox"][:2]
+        logger.info("epoch %d: bbox AP %.3f AP50 %.3f (%.1f min)", epoch, ap, ap50, elapsed_s / 60)
+    if "PQ_all" in test_stats:
+        logger.info("epoch %d: PQ %.1f (things %.1f, stuff %.1f)", epoch,
+                    *(100 * test_stats[k]["pq"] for k in ("PQ_all", "PQ_th", "PQ_st")))
+
+
 class SmoothedValue:
     """A series of values: the median and mean over a window, and the global average."""
 

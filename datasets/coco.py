@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -86,8 +87,11 @@ def load_annotations(path: Path) -> Any:
 
 def check_coco_annotations(data: Any, ann_file: Path, num_classes: Optional[int] = None,
                            require_masks: bool = False) -> None:
-    """Raise DatasetError if `data` is not a usable COCO instances dict (with a 'segmentation' on every
-    annotation when `require_masks`)."""
+    """Raise DatasetError if `data` is not a usable COCO instances dict (a 'bbox' [x, y, width, height] of finite
+    numbers, width and height >= 0, on every annotation; a 'segmentation' too when `require_masks`). Boxes of zero
+    width or height are named in a warning (training skips them, as the original does), and an annotation without
+    'area' gets its box's width x height (the targets and COCO evaluation's area ranges read it), said in a log
+    line."""
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise DatasetError(f"{ann_file}: expected a COCO dict with 'images' and 'annotations', found {found}")
@@ -95,13 +99,35 @@ def check_coco_annotations(data: Any, ann_file: Path, num_classes: Optional[int]
         raise DatasetError(f"{ann_file}: empty split, 'images' has no entries")
     image_ids = {img["id"] for img in data["images"]}
     check_categories(data, ann_file)
+    empty, without_area = [], []
     for ann in data["annotations"]:
         if ann["image_id"] not in image_ids:
             raise DatasetError(f"{ann_file}: annotation id {ann.get('id')} refers to image_id "
                                f"{ann['image_id']}, which is not in 'images'")
+        if not _is_xywh(ann.get("bbox")):
+            found = f"'bbox' {ann['bbox']!r}" if "bbox" in ann else "no 'bbox'"
+            raise DatasetError(f"{ann_file}: annotation id {ann.get('id')} (image_id {ann['image_id']}) has {found}; "
+                               f"expected [x, y, width, height], four numbers with width and height >= 0")
+        if ann["bbox"][2] == 0 or ann["bbox"][3] == 0:
+            if not ann.get("iscrowd", 0):
+                empty.append(ann)
+        if "area" not in ann:
+            without_area.append(ann)
         if require_masks and not ann.get("segmentation"):
             raise DatasetError(f"{ann_file}: annotation id {ann.get('id')} (image_id {ann['image_id']}) has no "
                                f"'segmentation', but masks were asked for (--masks): this dataset has boxes only")
+    if empty:
+        ann = empty[0]
+        logger.warning("%d annotation%s of %s %s a box of zero width or height (first: annotation id %s (image_id %s, "
+                       "bbox %s)); training skips them, as the original does", len(empty),
+                       "" if len(empty) == 1 else "s", ann_file, "has" if len(empty) == 1 else "have", ann.get("id"),
+                       ann["image_id"], ann["bbox"], extra={"once": True})
+    for ann in without_area:
+        ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+    if without_area:
+        logger.info("%d annotation%s of %s %s no 'area': using the box's width x height", len(without_area),
+                    "" if len(without_area) == 1 else "s", ann_file, "has" if len(without_area) == 1 else "have",
+                    extra={"once": True})
     if num_classes is not None and data["annotations"]:
         category_ids = np.fromiter((ann["category_id"] for ann in data["annotations"]), dtype=np.int64,
                                    count=len(data["annotations"]))
@@ -113,6 +139,12 @@ def check_coco_annotations(data: Any, ann_file: Path, num_classes: Optional[int]
                 f"{ann['category_id']}, outside [0, --num_classes={num_classes}); {len(bad)} annotation(s) "
                 f"are out of range, the largest category_id is {category_ids.max()}: set --num_classes to at "
                 f"least {category_ids.max() + 1}")
+
+
+def _is_xywh(bbox: Any) -> bool:
+    return (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+            and bbox[2] >= 0 and bbox[3] >= 0)
 
 
 def check_categories(data: dict, ann_file: Path) -> None:

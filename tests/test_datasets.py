@@ -359,3 +359,55 @@ def test_annotation_file_read_ahead_is_parsed_once(tmp_path, monkeypatch):
     datasets.build_dataset("train", args)
     assert sorted(reads) == ["train.json", "val.json"]
     assert not coco._READ_AHEAD  # handed over to the datasets, not kept
+
+
+@pytest.mark.parametrize("bbox, expected", [
+    (None, "has no 'bbox'"),
+    ([1, 2, 3], "'bbox' [1, 2, 3]"),
+    ([1, 2, "3", 4], "'bbox' [1, 2, '3', 4]"),
+    ([1, 2, float("nan"), 4], "'bbox' [1, 2, nan, 4]"),
+    ([10, 12, -3, 4], "'bbox' [10, 12, -3, 4]"),  # e.g. [x0, y0, x1, y1] where [x, y, width, height] is expected
+])
+def test_a_box_that_is_not_x_y_width_height_is_an_error(tmp_path, bbox, expected):
+    data = _valid_dict()
+    bad = _ann(77, 2, 1, [1, 1, 2, 2])
+    if bbox is None:
+        del bad["bbox"]
+    else:
+        bad["bbox"] = bbox
+    data["annotations"].append(bad)
+    _write(tmp_path, data)
+    with pytest.raises(coco.DatasetError) as info:
+        coco.build("train", _args(tmp_path))
+    message = str(info.value)
+    assert "instances_train2017.json: annotation id 77 (image_id 2)" in message and expected in message
+    assert "[x, y, width, height]" in message
+
+
+def test_boxes_of_zero_width_or_height_are_named_in_a_warning(tmp_path, caplog):
+    # the original drops them from the training targets (as it drops boxes a crop leaves empty): so do we, saying so
+    data = _valid_dict()
+    data["annotations"].append(_ann(6, 2, 1, [3, 3, 5, 0]))
+    _write(tmp_path, data)
+    with caplog.at_level("WARNING"):
+        dataset = coco.build("train", _args(tmp_path))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "2 annotations" in warnings[0] and "instances_train2017.json" in warnings[0]
+    assert "annotation id 3 (image_id 1, bbox [5, 5, 0, 4])" in warnings[0]
+    dataset._transforms = None
+    assert dataset[1][1]["boxes"].shape == (1, 4)  # image 2: annotation 5 only
+
+
+def test_a_missing_area_is_the_boxes_width_times_height(tmp_path, caplog):
+    # many tools write COCO files without 'area'; the targets and COCO evaluation's area ranges need it
+    data = _valid_dict()
+    for ann in data["annotations"]:
+        del ann["area"]
+    _write(tmp_path, data, split="val")
+    with caplog.at_level("INFO"):
+        dataset = coco.build("val", _args(tmp_path))
+    assert any("5 annotations of" in r.getMessage() and "have no 'area'" in r.getMessage() for r in caplog.records)
+    assert dataset.coco.anns[2]["area"] == 400.0 and dataset.coco.anns[3]["area"] == 0.0
+    dataset._transforms = None
+    assert torch.equal(dataset[0][1]["area"], torch.tensor([80.0, 400.0]))

@@ -97,6 +97,11 @@ def check_coco_annotations(data: Any, ann_file: Path, num_classes: Optional[int]
         raise DatasetError(f"{ann_file}: expected a COCO dict with 'images' and 'annotations', found {found}")
     if not data["images"]:
         raise DatasetError(f"{ann_file}: empty split, 'images' has no entries")
+    for i, img in enumerate(data["images"]):
+        missing = [k for k in ("id", "file_name") if not isinstance(img, dict) or k not in img]
+        if missing:
+            raise DatasetError(f"{ann_file}: entry {i} of 'images' has no '{missing[0]}' (found {img!r}); expected "
+                               f"{{\"id\": ..., \"file_name\": ..., \"width\": ..., \"height\": ...}}")
     image_ids = {img["id"] for img in data["images"]}
     check_categories(data, ann_file)
     empty, without_area = [], []

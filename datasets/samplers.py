@@ -4,6 +4,8 @@ from typing import Iterator, Sequence
 
 import torch.utils.data
 
+from .coco import DatasetError
+
 
 class GroupedBatchSampler(torch.utils.data.Sampler):
     """Batches of ``batch_size`` indices from ``sampler``, each batch drawn from one group (e.g. images of similar
@@ -47,6 +49,11 @@ def _height_and_width(dataset, index: int) -> tuple[int, int]:
     if hasattr(dataset, "get_height_and_width"):
         return dataset.get_height_and_width(index)
     image = dataset.coco.imgs[dataset.ids[index]]
+    for key in ("width", "height"):
+        if key not in image:
+            raise DatasetError(f"{dataset.ann_file}: image_id {image['id']} has no '{key}': --aspect_ratio_grouping "
+                               f"reads each image's size from the annotation file (add the sizes, or leave the flag "
+                               f"out)")
     return image["height"], image["width"]
 
 

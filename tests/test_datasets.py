@@ -411,3 +411,27 @@ def test_a_missing_area_is_the_boxes_width_times_height(tmp_path, caplog):
     assert dataset.coco.anns[2]["area"] == 400.0 and dataset.coco.anns[3]["area"] == 0.0
     dataset._transforms = None
     assert torch.equal(dataset[0][1]["area"], torch.tensor([80.0, 400.0]))
+
+
+@pytest.mark.parametrize("field", ["id", "file_name"])
+def test_an_image_entry_without_id_or_file_name_is_an_error(tmp_path, field):
+    data = _valid_dict()
+    del data["images"][1][field]
+    _write(tmp_path, data, images=False)
+    with pytest.raises(coco.DatasetError) as info:
+        coco.build("train", _args(tmp_path))
+    message = str(info.value)
+    assert "instances_train2017.json: entry 1 of 'images'" in message and f"has no '{field}'" in message
+
+
+def test_aspect_ratio_grouping_needs_the_image_sizes_of_the_annotation_file(tmp_path):
+    from datasets.samplers import aspect_ratio_groups
+    data = _valid_dict()
+    _write(tmp_path, data)
+    del data["images"][1]["width"]
+    (tmp_path / "annotations" / "instances_train2017.json").write_text(json.dumps(data))
+    dataset = coco.build("train", _args(tmp_path))  # without the flag the sizes are not needed
+    with pytest.raises(coco.DatasetError) as info:
+        aspect_ratio_groups(dataset)
+    message = str(info.value)
+    assert "instances_train2017.json: image_id 2 has no 'width'" in message and "--aspect_ratio_grouping" in message

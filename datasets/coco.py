@@ -97,12 +97,13 @@ def check_coco_annotations(data: Any, ann_file: Path, num_classes: Optional[int]
         raise DatasetError(f"{ann_file}: expected a COCO dict with 'images' and 'annotations', found {found}")
     if not data["images"]:
         raise DatasetError(f"{ann_file}: empty split, 'images' has no entries")
+    image_ids = set()
     for i, img in enumerate(data["images"]):
         missing = [k for k in ("id", "file_name") if not isinstance(img, dict) or k not in img]
         if missing:
             raise DatasetError(f"{ann_file}: entry {i} of 'images' has no '{missing[0]}' (found {img!r}); expected "
                                f"{{\"id\": ..., \"file_name\": ..., \"width\": ..., \"height\": ...}}")
-    image_ids = {img["id"] for img in data["images"]}
+        image_ids.add(img["id"])
     check_categories(data, ann_file)
     empty, without_area = [], []
     for ann in data["annotations"]:
@@ -113,9 +114,8 @@ def check_coco_annotations(data: Any, ann_file: Path, num_classes: Optional[int]
             found = f"'bbox' {ann['bbox']!r}" if "bbox" in ann else "no 'bbox'"
             raise DatasetError(f"{ann_file}: annotation id {ann.get('id')} (image_id {ann['image_id']}) has {found}; "
                                f"expected [x, y, width, height], four numbers with width and height >= 0")
-        if ann["bbox"][2] == 0 or ann["bbox"][3] == 0:
-            if not ann.get("iscrowd", 0):
-                empty.append(ann)
+        if (ann["bbox"][2] == 0 or ann["bbox"][3] == 0) and not ann.get("iscrowd", 0):
+            empty.append(ann)
         if "area" not in ann:
             without_area.append(ann)
         if require_masks and not ann.get("segmentation"):

@@ -153,7 +153,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                 losses = _weighted_losses(loss_dict, weight_dict)
 
                 loss_dict_reduced = reduce_dict(loss_dict)
-                micro_loss = sum(_log_dicts(loss_dict_reduced, weight_dict)[1].values()).item()
+                micro_loss = _weighted_losses(loss_dict_reduced, weight_dict).item()
                 loss_value += micro_loss
                 if not math.isfinite(micro_loss):
                     # the same on every process (the losses are reduced): all leave the step before DDP's

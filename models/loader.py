@@ -423,6 +423,6 @@ def load_model(source: str, *, device: Union[str, torch.device, None] = None, ov
     args.device = str(device)
     names, thing_ids = getattr(args, "category_names", None), args.thing_ids
     return LoadedModel(model=model, postprocessors=postprocessors, args=vars(args),
-                       category_names=None if names is None else {int(k): str(v) for k, v in names.items()},
+                       category_names=_category_names(names),
                        thing_ids=None if thing_ids is None else sorted(int(i) for i in thing_ids),
                        published=published)

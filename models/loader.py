@@ -261,8 +261,7 @@ def take_finetune_flags(args, checkpoint: dict) -> dict:
                                     skip=("num_classes",) + SIZE_FLAGS)
     if applied:
         logger.info("Fine-tuning from %s: its architecture for the flags you did not set: %s", args.finetune,
-                    " ".join(f"--{k}" if v is True else f"without --{k}" if v is False else f"--{k} {v}"
-                             for k, v in applied.items()))
+                    arguments.command_line_of(applied))
     return applied
 
 

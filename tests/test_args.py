@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import run_with_submitit
-from util.args import command_line, get_args_parser, parse_args
+from util.args import command_line, command_line_of, get_args_parser, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,3 +126,10 @@ def test_the_console_summary_of_the_flags_given_reads_as_a_command_line():
     assert command_line(args, args.explicit_flags) == (
         "--no_aux_loss --dataset_file synthetic --eval_every 5 --lr 0.0002 --masks --scales 128 160 "
         "--tensorboard off --no-two_stage")
+
+
+def test_flags_a_recipe_or_a_checkpoint_set_read_as_a_command_line():
+    # one formatter for the console's "args given", "Dataset defaults", "From the checkpoint" and fine-tuning lines
+    assert command_line_of({"dilation": False, "aux_loss": False, "masks": True, "two_stage": False,
+                            "scales": [128], "crop_scales": [], "lr": 4e-4}) == (
+        "without --dilation --no_aux_loss --masks --no-two_stage --scales 128 --crop_scales --lr 0.0004")

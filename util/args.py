@@ -251,7 +251,8 @@ def parse_args(argv: list[str], parser: Optional[argparse.ArgumentParser] = None
 
 def command_line(args: argparse.Namespace, names: list[str]) -> str:
     """The flags ``names`` (destinations) of ``args`` as a command line would give them, e.g.
-    ``--dataset_file synthetic --no_aux_loss --scales 128 160``; a switch at its default is left out."""
+    ``--dataset_file synthetic --no_aux_loss --scales 128 160``; a switch (store_true/false) whose value is not the
+    one the flag gives reads ``without --flag``, a flag set to None is left out."""
     actions = {a.dest: a for a in get_args_parser()._actions}
     words = []
     for name in names:
@@ -261,13 +262,17 @@ def command_line(args: argparse.Namespace, names: list[str]) -> str:
         if isinstance(action, argparse.BooleanOptionalAction):
             words.append(action.option_strings[0 if value else 1])
         elif action.nargs == 0:  # store_true / store_false: the flag gives its const
-            if value == action.const:
-                words.append(action.option_strings[0])
+            words.append(action.option_strings[0] if value == action.const else f"without {action.option_strings[0]}")
         elif isinstance(value, list):
             words.append(" ".join([action.option_strings[0]] + [str(v) for v in value]))
         elif value is not None:
             words.append(f"{action.option_strings[0]} {value}")
     return " ".join(words)
+
+
+def command_line_of(values: dict) -> str:
+    """``command_line`` of flag values given as {destination: value}, e.g. the flags a recipe or a checkpoint set."""
+    return command_line(argparse.Namespace(**values), list(values))
 
 
 def given_flags(args: argparse.Namespace) -> set[str]:

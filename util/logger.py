@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from util import args as arguments
 from util.dist import all_gather, get_world_size, launch_rank_and_world_size
 
 logger = logging.getLogger(__name__)
@@ -127,24 +128,16 @@ def setup_for_distributed(is_master: bool) -> None:
     setup_logging()
 
 
-def _as_flag(name: str, value) -> str:
-    if isinstance(value, bool):
-        return f"--{name}" if value else ""
-    if isinstance(value, list):
-        return f"--{name} {' '.join(map(str, value))}".rstrip()
-    return f"--{name} {value}"
-
-
 def log_start(args, model: torch.nn.Module) -> None:
     """What a run derived before it starts: the flags a dataset recipe or a resumed checkpoint filled in, the number
     of classes and where it comes from, the categories, trainable parameters and the effective batch size."""
     if args.defaults_applied:
         logger.info("Dataset defaults for %s (flags you did not set): %s", args.dataset_file,
-                    " ".join(_as_flag(k, v) for k, v in args.defaults_applied.items()))
+                    arguments.command_line_of(args.defaults_applied))
     from_checkpoint = getattr(args, "checkpoint_applied", None) or {}
     if from_checkpoint:
         logger.info("From the checkpoint %s (flags you did not set): %s", args.resume,
-                    " ".join(_as_flag(k, v) for k, v in from_checkpoint.items()))
+                    arguments.command_line_of(from_checkpoint))
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("number of classes: %d (%s)", args.num_classes,
                 "from the checkpoint" if "num_classes" in from_checkpoint else

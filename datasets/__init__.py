@@ -98,12 +98,8 @@ def default_num_classes(args) -> int:
         ann_file = synthetic.dataset_root(args) / "annotations" / f"{kind}_train2017.json"
         if not ann_file.is_file():
             raise UserFileNotFoundError(f"annotation file {ann_file} not found")
-        categories = coco.load_json(ann_file).get("categories") or []
-        if not categories:
-            raise coco.DatasetError(f"{ann_file} lists no categories, so the number of classes is unknown")
-        max_id = max(c["id"] for c in categories)
-        args.num_classes_source = f"max category id {max_id} + 1, from {ann_file}"
-        return max_id + 1
+        num_classes, args.num_classes_source = coco.num_classes_of_file(coco.load_json(ann_file), ann_file)
+        return num_classes
     raise UserValueError(f"dataset {args.dataset_file!r} not supported; expected {SUPPORTED}")
 
 

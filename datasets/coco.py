@@ -376,6 +376,12 @@ def num_classes_from_annotations(args) -> Optional[tuple[int, str]]:
     # the dataset of this file, built next, takes over what is read here (read_ahead), unless none will be built
     will_be_built = split == "val" or not getattr(args, "eval", False)
     data = read_ahead(ann_file) if will_be_built else load_json(ann_file)
+    return num_classes_of_file(data, ann_file)
+
+
+def num_classes_of_file(data: Any, ann_file: Path) -> tuple[int, str]:
+    """(max category id + 1, where it came from in words) of an annotation file's parsed ``data``, which must list
+    its 'categories'; a class head of more than ``LARGE_CLASS_HEAD`` rows is warned about."""
     categories = data.get("categories") if isinstance(data, dict) else None
     if not categories:
         raise DatasetError(f"{ann_file} lists no 'categories', so the number of classes is unknown: add them, or "

@@ -118,13 +118,13 @@ def test_default_cache_folder(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DETR_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(synthetic, "generate", functools.partial(synthetic.generate, num_train=2, num_val=1))
     args = Namespace(dataset_file="synthetic", coco_path=None, masks=False)
-    with caplog.at_level(logging.INFO, logger="detr"):
+    with caplog.at_level(logging.INFO):
         dataset = datasets.build_dataset("val", args)
     assert len(dataset) == 1
     assert synthetic.default_cache_dir() == tmp_path / f"synthetic-v{synthetic.VERSION}-seed0"
     assert "Generating the synthetic dataset into" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="detr"):
+    with caplog.at_level(logging.INFO):
         assert datasets.default_num_classes(args) == 4
     assert "Using the synthetic dataset in" in caplog.text  # the second time it is reused
 

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from d2.flags import NOT_BUILT  # noqa: E402
 from datasets.coco import load_json  # noqa: E402
 from datasets.coco_categories import COCO_CATEGORY_NAMES, COCO_PANOPTIC_CATEGORY_NAMES  # noqa: E402
-from util.args import get_args_parser as main_py_args_parser  # noqa: E402
+from util.args import parser_defaults as main_py_parser_defaults  # noqa: E402
 from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def check_trained_flags(args: Optional[dict]) -> None:
     does not record (the original's checkpoints have none of them) count as main.py's defaults."""
     if not args:
         return
-    defaults = vars(main_py_args_parser().parse_args([]))
+    defaults = main_py_parser_defaults()
     used = {flag: args[flag] for flag in NOT_BUILT if flag in args and args[flag] != defaults[flag]}
     if used:
         raise ConversionError(

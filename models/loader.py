@@ -73,17 +73,13 @@ INFERENCE_FLAGS: dict[str, Any] = {"device": "cpu", "backbone_weights": "none", 
 # The architecture a checkpoint was trained with
 
 
-def _parser_defaults() -> dict:
-    return vars(get_args_parser().parse_args([]))
-
-
 def checkpoint_flags(checkpoint: dict) -> dict:
     """The ``ARCHITECTURE_FLAGS`` and ``SIZE_FLAGS`` of the run that wrote ``checkpoint``. A flag its args lack (the
     original's checkpoints predate ours) has the parser's default, which is the original's architecture and
     evaluation size; num_classes, when they lack it, is read from the class head. A checkpoint without args (one
     written by hand or another tool) records no run: only its class head's num_classes."""
     ckpt_args = checkpoint.get("args") or {}
-    defaults = _parser_defaults() if ckpt_args else {}
+    defaults = arguments.parser_defaults() if ckpt_args else {}
     flags = {}
     for name in ARCHITECTURE_FLAGS + SIZE_FLAGS:
         if ckpt_args.get(name) is not None:
@@ -146,7 +142,7 @@ def architecture_differences(ckpt_args: dict, args) -> list[str]:
     no architecture: none."""
     if not ckpt_args:
         return []
-    defaults = _parser_defaults()
+    defaults = arguments.parser_defaults()
     differences = []
     for name in ARCHITECTURE_FLAGS:
         if ckpt_args.get(name) is not None:
@@ -405,7 +401,7 @@ def load_model(source: str, *, device: Union[str, torch.device, None] = None, ov
         where, ckpt_args, architecture = source, dict(checkpoint.get("args") or {}), checkpoint_flags(checkpoint)
     flags = {**hub_flags, **ckpt_args, **architecture, **INFERENCE_FLAGS, **overrides}
     # the parser's default (coco) when nothing names the dataset: the published box models' table entries do not
-    dataset_file = flags.get("dataset_file", _parser_defaults()["dataset_file"])
+    dataset_file = flags.get("dataset_file", arguments.parser_defaults()["dataset_file"])
     if flags.get("num_classes") is None:
         flags["num_classes"] = KNOWN_NUM_CLASSES.get(dataset_file)
         if flags["num_classes"] is None:

@@ -249,6 +249,11 @@ def parse_args(argv: list[str], parser: Optional[argparse.ArgumentParser] = None
     return args
 
 
+def parser_defaults() -> dict:
+    """{destination: default} of every flag of ``get_args_parser()`` (a new dict each call)."""
+    return vars(get_args_parser().parse_args([]))
+
+
 def command_line(args: argparse.Namespace, names: list[str]) -> str:
     """The flags ``names`` (destinations) of ``args`` as a command line would give them, e.g.
     ``--dataset_file synthetic --no_aux_loss --scales 128 160``; a switch (store_true/false) whose value is not the
@@ -284,7 +289,7 @@ def given_flags(args: argparse.Namespace) -> set[str]:
     given = getattr(args, "explicit_flags", None)
     if given is not None:
         return set(given)
-    defaults = vars(get_args_parser().parse_args([]))
+    defaults = parser_defaults()
     filled = {k for k, v in (getattr(args, "defaults_applied", None) or {}).items() if getattr(args, k, v) == v}
     return {k for k, v in defaults.items() if getattr(args, k, v) != v and k not in filled}
 

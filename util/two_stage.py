@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from util.args import ONE_STAGE_FLAGS, get_args_parser, given_flags
+from util.args import ONE_STAGE_FLAGS, given_flags, parser_defaults
 from util.checkpoint import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def stage_args(args: argparse.Namespace, **overrides) -> argparse.Namespace:
     """The arguments of one stage of --two_stage: the flags the user set, ``overrides``, and the rest back to the
     parser's defaults so that ``main`` applies that stage's recipe (``datasets.recipes.MASK_STAGE_RECIPES`` for
     --masks)."""
-    defaults = vars(get_args_parser().parse_args([]))
+    defaults = parser_defaults()
     stage = copy.deepcopy(args)
     for name in args.defaults_applied or {}:
         setattr(stage, name, copy.deepcopy(defaults[name]))

@@ -120,15 +120,14 @@ def plot_logs(logs: Union[PathLike, Sequence[PathLike]],
         x = epochs if not np.isnan(epochs).any() else np.arange(len(rows), dtype=np.float64)
         for ax, field in zip(axs, fields):
             if field in COCO_STATS_FIELDS:
-                y = _column(rows, "test_coco_eval_bbox", COCO_STATS_FIELDS[field])
-                keep = ~np.isnan(y)
-                ax.plot(x[keep], ewm_mean(y[keep], ewm_col), color=colour)
+                series = [(_column(rows, "test_coco_eval_bbox", COCO_STATS_FIELDS[field]), "-")]
             else:
-                for prefix, style in (("train", "-"), ("test", "--")):
-                    # epochs without the value (e.g. not evaluated: --eval_every) are skipped, the line joins the others
-                    y = _column(rows, f"{prefix}_{field}")
-                    keep = ~np.isnan(y)
-                    ax.plot(x[keep], ewm_mean(y[keep], ewm_col), style, color=colour)
+                series = [(_column(rows, f"{prefix}_{field}"), style) for prefix, style in (("train", "-"),
+                                                                                            ("test", "--"))]
+            for y, style in series:
+                # epochs without the value (e.g. not evaluated: --eval_every) are skipped, the line joins the others
+                keep = ~np.isnan(y)
+                ax.plot(x[keep], ewm_mean(y[keep], ewm_col), style, color=colour)
     names = [folder.name or str(folder) for folder in logs]
     for ax, field in zip(axs, fields):
         handles = ax.get_lines()

@@ -146,13 +146,9 @@ def run(args: argparse.Namespace) -> dict:
     names = output_names([describe(s, i) for i, s in enumerate(sources)])
     kwargs = dict(device=args.device, amp=args.amp, panoptic_threshold=args.panoptic_threshold,
                   val_size=args.val_size, max_size=args.max_size)
-    if args.hub:
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        if args.categories is not None:
-            kwargs["category_names"] = args.categories
-        predictor = Predictor.from_hub(args.hub, **kwargs)
-    else:
-        predictor = Predictor.from_checkpoint(args.resume, category_names=args.categories, **kwargs)
+    # both fill what is None (sizes, names) from the loaded model (Predictor.from_loaded)
+    open_model = Predictor.from_hub if args.hub else Predictor.from_checkpoint
+    predictor = open_model(args.hub or args.resume, category_names=args.categories, **kwargs)
     panoptic = predictor.masks and predictor.thing_ids is not None
     draw = not args.no_draw
     existing = [p for p in planned_files(output_dir, names, draw, args.attention, panoptic, predictor.masks)

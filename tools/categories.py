@@ -7,7 +7,7 @@ their classes are COCO's, whose names live in ``datasets/coco_categories.py``. A
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from datasets.coco_categories import COCO_CATEGORY_NAMES, COCO_PANOPTIC_CATEGORY_NAMES, COCO_PANOPTIC_THING_IDS
 from models.loader import LoadedModel
@@ -17,41 +17,41 @@ logger = logging.getLogger(__name__)
 CategoryNames = Union[None, str, Dict[int, str]]
 
 
-def resolve_category_names(names: CategoryNames) -> Optional[Dict[int, str]]:
-    """None, 'coco', 'coco_panoptic', a {id: name} dict, or a JSON file: a COCO annotation file (its
-    'categories') or a {id: name} object."""
+def resolve_categories(names: CategoryNames) -> Tuple[Optional[Dict[int, str]], Optional[List[int]]]:
+    """The names and the panoptic thing ids of None, 'coco', 'coco_panoptic', a {id: name} dict, or a JSON file: a
+    COCO annotation file (its 'categories'; thing ids when every category has 'isthing', as panoptic files do) or
+    a {id: name} object (no thing ids). The file is read once."""
     if names is None or isinstance(names, dict):
-        return None if names is None else {int(k): str(v) for k, v in names.items()}
+        return (None if names is None else {int(k): str(v) for k, v in names.items()}), None
     if names == "coco":
-        return dict(COCO_CATEGORY_NAMES)
+        return dict(COCO_CATEGORY_NAMES), None
     if names == "coco_panoptic":
-        return dict(COCO_PANOPTIC_CATEGORY_NAMES)
+        return dict(COCO_PANOPTIC_CATEGORY_NAMES), list(COCO_PANOPTIC_THING_IDS)
     path = Path(names)
     if not path.is_file():
         raise ValueError(f"category names {names!r}: expected 'coco', 'coco_panoptic' or a JSON file")
     data = json.loads(path.read_text())
-    if isinstance(data, dict) and "categories" in data:
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a COCO annotation file (with 'categories') or a JSON object {{id: name}}")
+    if "categories" not in data:
         try:
-            return {int(c["id"]): str(c["name"]) for c in data["categories"]}
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: 'categories' must be a list of {{'id', 'name'}} objects ({err})") from None
-    if isinstance(data, dict):
-        try:
-            return {int(k): str(v) for k, v in data.items()}
+            return {int(k): str(v) for k, v in data.items()}, None
         except ValueError:
-            pass
-    raise ValueError(f"{path}: expected a COCO annotation file (with 'categories') or a JSON object {{id: name}}")
+            raise ValueError(f"{path}: expected a COCO annotation file (with 'categories') or a JSON object "
+                             f"{{id: name}}") from None
+    try:
+        names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: 'categories' must be a list of {{'id', 'name'}} objects ({err})") from None
+    thing_ids = None
+    if all("isthing" in c for c in data["categories"] or [{}]):
+        thing_ids = [int(c["id"]) for c in data["categories"] if c["isthing"]]
+    return names, thing_ids
 
 
-def thing_ids_from_file(names: CategoryNames) -> Optional[List[int]]:
-    """The thing ids of a COCO panoptic categories file ('isthing'), when ``names`` is one."""
-    if names == "coco_panoptic":
-        return list(COCO_PANOPTIC_THING_IDS)
-    if isinstance(names, (str, Path)) and Path(names).is_file():
-        data = json.loads(Path(names).read_text())
-        if isinstance(data, dict) and all("isthing" in c for c in data.get("categories") or [{}]):
-            return [int(c["id"]) for c in data["categories"] if c["isthing"]]
-    return None
+def resolve_category_names(names: CategoryNames) -> Optional[Dict[int, str]]:
+    """The names of ``resolve_categories``."""
+    return resolve_categories(names)[0]
 
 
 def loaded_category_names(loaded: LoadedModel) -> CategoryNames:

@@ -27,7 +27,8 @@ from models.detr import PostProcess
 from models.loader import PUBLISHED, LoadedModel, load_model
 from models.segmentation import DETRsegm, PostProcessPanoptic, PostProcessSegm
 from models.transformer import capture_attention
-from tools.categories import CategoryNames, loaded_category_names, resolve_category_names, thing_ids_from_file
+from tools.categories import CategoryNames, loaded_category_names, resolve_categories
+from tools.categories import resolve_category_names  # noqa: F401  (tools.inference.resolve_category_names)
 from tools.images import ImageInput, ImageList, describe, expand_inputs
 from tools.prediction import Prediction, decode_panoptic, image_attention
 from util.amp import AMP_DTYPES, autocast
@@ -57,9 +58,9 @@ class Predictor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.category_names = resolve_category_names(category_names)
+        self.category_names, file_thing_ids = resolve_categories(category_names)
         if thing_ids is None:
-            thing_ids = thing_ids_from_file(category_names)
+            thing_ids = file_thing_ids
         self.thing_ids = None if thing_ids is None else sorted(int(i) for i in thing_ids)
         self.val_size, self.max_size = int(val_size), int(max_size)
         self.transform = make_coco_transforms("val", val_size=self.val_size, max_size=self.max_size)
